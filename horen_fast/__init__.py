@@ -1,0 +1,6 @@
+"""horen-fast: HoReN model editing (normalized Hopfield retrieval over a codebook), fast."""
+from .retrieval import RetrievalResult, available_backends, final_scores, retrieve
+from .codebook import Codebook
+
+__version__ = "0.1.0"
+__all__ = ["retrieve", "final_scores", "RetrievalResult", "available_backends", "Codebook", "__version__"]

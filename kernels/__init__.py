@@ -1,0 +1,1 @@
+"""Triton kernels for horen_fast, installed as the package horen_fast.kernels."""

@@ -1,0 +1,164 @@
+"""Every retrieval backend against the float64 oracle (tests/oracle.py), plus the API contract."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import horen_fast
+from horen_fast import retrieve
+from oracle import anisotropic_keys, assert_agrees, mixed_queries, oracle_retrieve, unit
+
+BACKENDS = horen_fast.available_backends("cpu")
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def run_case(backend, rng, n, d, b, dtype=torch.float32, qdtype=torch.float32, **kw):
+    keys = torch.tensor(anisotropic_keys(rng, n, d)).to(dtype)
+    queries = torch.tensor(mixed_queries(rng, keys.double().numpy(), b, d)).to(qdtype)
+    res = retrieve(queries, keys, backend=backend, **kw)
+    exp = oracle_retrieve(queries.double().numpy(), keys.double().numpy(), **kw)
+    assert_agrees(res, exp, context=f"{backend} n={n} d={d} b={b} {dtype} {kw}")
+    return res, exp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 3000), d=st.integers(1, 1536), b=st.integers(1, 64), steps=st.integers(0, 4),
+       beta=st.floats(0.5, 50.0), alpha=st.floats(0.01, 1.0), tau=st.floats(0.3, 0.99),
+       seed=st.integers(0, 2**32 - 1))
+def test_matches_oracle_property(backend, n, d, b, steps, beta, alpha, tau, seed):
+    run_case(backend, np.random.default_rng(seed), n, d, b, steps=steps, beta=beta, alpha=alpha,
+             threshold=tau)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,b", [(1, 1, 1), (1, 7, 3), (2, 3, 5), (257, 129, 17), (1000, 1536, 16)])
+def test_shapes_and_key_dtypes(backend, dtype, n, d, b):
+    run_case(backend, np.random.default_rng(n * 1000 + d + b), n, d, b, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paper_setting_matches_paraphrases(backend):
+    """Paraphrase-like queries near stored keys match them; that is what HoReN is for."""
+    rng = np.random.default_rng(0)
+    k = anisotropic_keys(rng, 500, 256)
+    q = k[:50] + 0.3 * unit(rng.standard_normal((50, 256)))
+    res = retrieve(torch.tensor(q, dtype=torch.float32), torch.tensor(k, dtype=torch.float32), backend=backend)
+    exp = oracle_retrieve(q, k)
+    assert_agrees(res, exp)
+    assert exp.matched.sum() >= 25  # the case is not vacuous
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_codebook_and_empty_batch(backend):
+    res = retrieve(torch.randn(4, 8), torch.empty(0, 8), backend=backend)
+    assert res.index.tolist() == [-1] * 4 and not res.matched.any() and torch.isnan(res.score).all()
+    res = retrieve(torch.empty(0, 8), torch.randn(3, 8), backend=backend)
+    assert res.index.shape == (0,) and res.matched.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_and_nonfinite_queries_match_nothing(backend):
+    k = torch.nn.functional.normalize(torch.randn(10, 16), dim=1)
+    q = torch.stack([torch.zeros(16), torch.full((16,), float("nan")), k[3] * float("inf"), k[3]])
+    res = retrieve(q, k, backend=backend)
+    assert res.matched.tolist() == [False, False, False, True]
+    assert res.index.tolist() == [-1, -1, -1, 3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_pick_lowest_index(backend):
+    k = torch.nn.functional.normalize(torch.randn(1, 32), dim=1).repeat(5, 1)
+    res = retrieve(k[:1] * 2, k, backend=backend, steps=0)
+    assert res.index.item() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_rule_is_per_row(backend):
+    """A row already at a fixed point stops; its neighbour in the batch keeps stepping."""
+    rng = np.random.default_rng(3)
+    k = anisotropic_keys(rng, 1, 64)  # one key: r == k, so a query equal to k stops at once
+    q = np.stack([k[0], unit(k[0] + 0.9 * unit(rng.standard_normal(64)))])
+    for tau in (0.2, 0.5, 0.8):
+        res = retrieve(torch.tensor(q), torch.tensor(k), backend=backend, steps=3, threshold=tau, alpha=0.3)
+        assert_agrees(res, oracle_retrieve(q, k, steps=3, threshold=tau, alpha=0.3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qdtype,kdtype", [(torch.float64, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.float32, torch.bfloat16), (torch.float16, torch.float64)])
+def test_mixed_query_and_key_dtypes(backend, qdtype, kdtype):
+    res, _ = run_case(backend, np.random.default_rng(7), 300, 96, 12, dtype=kdtype, qdtype=qdtype)
+    expected = torch.float64 if torch.float64 in (qdtype, kdtype) else torch.float32
+    assert res.score.dtype == expected
+
+
+def test_result_types_and_unpacking():
+    res = retrieve(torch.randn(3, 8), torch.nn.functional.normalize(torch.randn(5, 8), dim=1))
+    assert res.index.dtype == torch.long and res.matched.dtype == torch.bool
+    index, score, matched = res
+    assert index.shape == score.shape == matched.shape == (3,)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(beta=0.0), "beta"), (dict(beta=-1.0), "beta"), (dict(beta=float("inf")), "beta"),
+    (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(steps=-1), "steps"),
+    (dict(steps=1.5), "steps"), (dict(threshold=float("nan")), "threshold"), (dict(eps=-1.0), "eps"),
+    (dict(backend="nope"), "unknown backend"),
+])
+def test_bad_parameters_are_rejected(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        retrieve(torch.randn(2, 4), torch.randn(3, 4), **kwargs)
+
+
+def test_bad_tensors_are_rejected():
+    k = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="width mismatch"):
+        retrieve(torch.randn(2, 5), k)
+    with pytest.raises(ValueError, match="2-D"):
+        retrieve(torch.randn(4), k)
+    with pytest.raises(ValueError, match="2-D"):
+        retrieve(torch.randn(2, 4), torch.randn(3, 4, 1))
+    with pytest.raises(TypeError, match="floating"):
+        retrieve(torch.ones(2, 4, dtype=torch.long), k)
+    with pytest.raises(TypeError, match="floating"):
+        retrieve(torch.randn(2, 4), k.int())
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        retrieve(np.zeros((2, 4)), k)
+
+
+def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
+    from horen_fast import retrieval
+    monkeypatch.setattr(retrieval, "_warned_fallback", set())
+    monkeypatch.setitem(retrieval._BACKENDS, "cpp", (lambda d: False, None))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        retrieve(torch.randn(2, 4), torch.randn(3, 4))
+        retrieve(torch.randn(2, 4), torch.randn(3, 4))
+    assert sum("torch reference" in str(w.message) for w in seen) == 1
+
+
+def test_final_scores_matches_oracle_best():
+    rng = np.random.default_rng(11)
+    k = anisotropic_keys(rng, 200, 48)
+    q = mixed_queries(rng, k, 20, 48)
+    c = horen_fast.final_scores(torch.tensor(q), torch.tensor(k))
+    exp = oracle_retrieve(q, k)
+    got = c.max(dim=1).values.numpy()
+    np.testing.assert_allclose(got, exp.best, atol=1e-9, equal_nan=True)
+
+
+def test_torch_backend_compiles_without_graph_breaks():
+    """No host synchronization: the torch backend traces into one graph."""
+    from horen_fast.backends.torch_ref import retrieve_torch
+    from horen_fast.retrieval import check_params
+    p = check_params(20.0, 0.1, 2, 0.85, 1e-5)
+    k = torch.nn.functional.normalize(torch.randn(64, 32), dim=1)
+    q = torch.randn(4, 32)
+    explanation = torch._dynamo.explain(lambda a, b: retrieve_torch(a, b, p))(q, k)
+    assert explanation.graph_break_count == 0
