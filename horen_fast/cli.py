@@ -8,6 +8,7 @@ import sys
 
 _COMMAND_MODULES = [
     # module path, relative to horen_fast (each defines register_cli(subparsers))
+    "evaluate",
 ]
 
 
