@@ -1,0 +1,186 @@
+"""HoReNAdapter: the nn.Module that wraps the edited layer (SPEC 1, 2 and 4).
+
+Its forward computes the wrapped layer's output ``y = base(x)`` and, at a first (prefill) pass,
+builds one query per row from the layer input over that row's prompt tokens, calls
+``codebook.retrieve`` once (no host sync), and adds the matched entry's value at the row's last
+prompt position. Rows that match nothing keep ``y`` bit for bit.
+
+Which tokens are the prompt, per row, comes from ``begin_pass`` (called by the editor's forward
+pre-hook on the model, which reads ``attention_mask``) or from ``pin`` (the editor's generate and
+score). Without either, the whole input is the prompt. Decode steps (a pass over a non-empty KV
+cache) add nothing: their cached keys and values already saw the edit (SPEC 4).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .codebook import Codebook
+from .config import parse_query_strategy
+
+__all__ = ["HoReNAdapter", "build_queries", "layer_dims"]
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int, bool]:
+    """(input width, output width, is_conv1d) of a linear layer: nn.Linear, or GPT-2's Conv1D
+    (weight stored transposed, [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"):
+        nx, nf = module.weight.shape
+        return int(nx), int(nf), True
+    raise TypeError(f"HoReN wraps a linear layer (nn.Linear or GPT-2 Conv1D); the chosen layer is "
+                    f"{type(module).__name__}. Point layer= at the MLP output projection "
+                    f"(e.g. model.layers.15.mlp.down_proj)")
+
+
+def build_queries(x: torch.Tensor, prompt_mask: torch.Tensor, strategy: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries (SPEC 2) and last prompt positions.
+
+    x: layer input [B, T, d]; prompt_mask: bool [B, T], True on each row's prompt tokens (any
+    padding layout). Returns (queries [B, d] in float32, or float64 for float64 input, not yet
+    normalized; rows without prompt tokens are zero), last_pos LongTensor [B]. No host sync."""
+    kind, amount = parse_query_strategy(strategy)
+    B, T = prompt_mask.shape
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pm = prompt_mask.to(torch.bool)
+    pmi = pm.to(torch.long)
+    from_end = pmi.flip(1).cumsum(1).flip(1)      # 1 at the last prompt token, 2 before it, ...
+    last_pos = (T - 1) - pmi.flip(1).argmax(1)
+    if kind == "first":
+        sel = pm & (pmi.cumsum(1) == 1)
+        k = torch.ones(B, dtype=torch.long, device=x.device)
+    else:
+        plen = pmi.sum(1)
+        if kind == "last":
+            k = plen.clamp(max=int(amount))
+        elif float(amount).is_integer():       # exact integer ceil(P * p / 100)
+            k = (plen * int(amount) + 99) // 100
+        else:
+            k = torch.ceil(plen.to(torch.float64) * (amount / 100.0)).to(torch.long)
+        k = k.clamp(min=1)
+        sel = pm & (from_end <= k[:, None])
+    w = sel.to(cdtype) / k.to(cdtype)[:, None]
+    q = torch.bmm(w[:, None, :], x.to(cdtype)).squeeze(1)
+    return q, last_pos
+
+
+class HoReNAdapter(nn.Module):
+    """Wraps one linear layer; see the module docstring. ``base`` is the original layer (its
+    parameters are shared, never modified)."""
+
+    def __init__(self, base: nn.Module, codebook: Codebook, *, mode: str, strategy: str,
+                 lora_rank: int = 4, lora_scale: float = 1.0):
+        super().__init__()
+        self.base = base
+        self.key_dim, self.value_dim, self.conv1d = layer_dims(base)
+        self.codebook = codebook
+        self.mode = mode
+        self.strategy = strategy
+        parse_query_strategy(strategy)
+        self.lora_rank, self.lora_scale = lora_rank, lora_scale
+        self.enabled = True
+        self.last_retrieval = None       # RetrievalResult of the last pass that retrieved
+        self._pass = None                 # None (no info) | ("first", mask or None) | ("decode",)
+        self._pinned = None               # bool [B, T0] prompt mask fixed by the editor
+        self._capture = None              # callable(x, y) during an edit's first pass
+        self._edit = None                 # (position, entry tensor) while an edit trains
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, entries={len(self.codebook)}, strategy={self.strategy!r}"
+
+    # ---- pass state (set by the editor) -----------------------------------------------------
+    def begin_pass(self, first: bool, mask: torch.Tensor | None = None) -> None:
+        self._pass = ("first", mask) if first else ("decode",)
+
+    def end_pass(self) -> None:
+        self._pass = None
+
+    @contextmanager
+    def pinned(self, prompt_mask: torch.Tensor):
+        """Fix the prompt (bool/0-1 [B, T0], True on prompt tokens) for every first pass inside
+        the block, e.g. for cache-free generation, where each step re-runs the whole sequence."""
+        old = self._pinned
+        self._pinned = prompt_mask.to(torch.bool)
+        try:
+            yield
+        finally:
+            self._pinned = old
+
+    def _prompt_mask(self, B: int, T: int, device) -> torch.Tensor | None:
+        """The prompt mask [B, T] for this pass, or None when nothing is to be added."""
+        state = self._pass
+        if state is not None and state[0] == "decode":
+            return None
+        if self._pinned is not None:
+            pm = self._pinned.to(device)
+            if pm.shape[0] != B:
+                if B % pm.shape[0]:
+                    raise ValueError(f"the pinned prompt mask has {pm.shape[0]} rows but the batch has {B}")
+                pm = pm.repeat_interleave(B // pm.shape[0], dim=0)  # beams / num_return_sequences
+            T0 = pm.shape[1]
+            if T0 > T:
+                raise ValueError(f"the pinned prompt has {T0} positions but this pass only {T}")
+            if T0 < T:
+                pm = torch.cat([pm, pm.new_zeros(B, T - T0)], dim=1)
+            return pm
+        mask = state[1] if state is not None else None
+        if mask is None:
+            return torch.ones(B, T, dtype=torch.bool, device=device)
+        if mask.shape != (B, T):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the layer sees a batch "
+                             f"of {B} x {T} tokens")
+        return mask.to(device) != 0
+
+    # ---- entries ----------------------------------------------------------------------------
+    def delta(self, entry: torch.Tensor, y_p: torch.Tensor) -> torch.Tensor:
+        """What an entry adds to y at the last prompt position. entry: [B, entry_dim] (the
+        codebook's value rows), y_p: [B, d_value]."""
+        if self.mode == "value":
+            return entry
+        r, d = self.lora_rank, self.value_dim
+        a = entry[:, : r * d].reshape(-1, r, d)
+        b = entry[:, r * d:].reshape(-1, d, r)
+        h = torch.bmm(a, y_p.to(entry.dtype)[:, :, None])
+        return self.lora_scale * torch.bmm(b, h).squeeze(2)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self._capture is not None:
+            self._capture(x, y)
+            return y
+        if self._edit is not None:
+            pos, entry = self._edit
+            y_p = y[:, pos]
+            new = y_p + self.delta(entry[None], y_p).to(y.dtype)
+            return torch.cat([y[:, :pos], new[:, None], y[:, pos + 1:]], dim=1)
+        if not self.enabled or len(self.codebook) == 0 or x.dim() != 3:
+            return y
+        B, T = x.shape[:2]
+        pm = self._prompt_mask(B, T, x.device)
+        if pm is None:
+            return y
+        q, last = build_queries(x, pm, self.strategy)
+        res = self.codebook.retrieve(q)
+        self.last_retrieval = res
+        if self.mode == "none":
+            return y
+        rows = torch.arange(B, device=y.device)
+        y_p = y[rows, last]
+        new = y_p + self.delta(self.codebook.value_rows(res.index), y_p).to(y.dtype)
+        y = y.clone() if y.requires_grad else y
+        y[rows, last] = torch.where(res.matched[:, None], new, y_p)
+        return y
+
+
+def lora_init(rank: int, d_value: int, generator: torch.Generator) -> torch.Tensor:
+    """A fresh LoRA entry, flattened [A (rank x d), B (d x rank)]: A ~ U(-1/sqrt(d), 1/sqrt(d))
+    (nn.Linear's default), B = 0, so a new entry starts as a no-op."""
+    bound = 1.0 / math.sqrt(d_value)
+    a = (torch.rand(rank * d_value, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    return torch.cat([a, torch.zeros(d_value * rank, dtype=torch.float64)])

@@ -1,0 +1,549 @@
+"""HoReNEditor: edit a Hugging Face causal LM with HoReN (SPEC 1-5).
+
+The editor installs a ``HoReNAdapter`` in place of one linear layer (the MLP output projection of
+layer L), keeps every edit as one entry of a ``Codebook``, and never changes the base weights.
+
+How an edit runs (``edit``), and why it costs O(1) in the number of stored edits:
+
+1. ``prompt + " " + target`` is tokenized; the prompt is the first P tokens, p = P - 1 its last
+   position, and the target tokens are everything after it (their labels; SPEC 5.1).
+2. One no-grad pass over tokens [0, T-1) captures the layer input over the prompt (the query,
+   SPEC 2), the layer output at p (warm init), the input of decoder block L at positions [p, T-1),
+   and the KV cache, which is cropped to the prefix [0, p).
+3. The query is retrieved once against the codebook (SPEC 5.2-5.3): reuse the matched entry if its
+   label equals this edit's target, replace it if its key is this query (the same prompt edited
+   again), else add a new entry (cold: uniform [0, 1); warm: y[p]).
+4. The entry's value alone is optimized with its own Adam (lr ``edit_lr``, ``n_iter`` steps) on the
+   mean cross-entropy of the target tokens, with the value added at p. Nothing before position p
+   and nothing before block L depends on the value, so each iteration runs only the suffix
+   positions [p, T-1) (exactly the positions whose logits predict target tokens), starting at block
+   L from the captured block input, over a fresh copy of the prefix KV cache. Blocks < L are
+   replaced, for the duration of the edit, by a module that returns the captured input.
+   During the optimization no other codebook entry is applied at p: the published code applies
+   the entry it retrieves for the query, and for a new entry that is the entry itself (its key is
+   the query, cosine 1); for a reused entry it is the matched entry, the one being trained.
+   Retrieval is therefore decided once, before the loop, and the loop applies the trained entry.
+   Model parameters are frozen for the duration of an edit and gradients are taken with respect
+   to the value only (``torch.autograd.grad``), so no weight gradient is ever computed.
+
+At inference the adapter adds each row's matched value at that row's last prompt position at the
+prefill pass (SPEC 4). The prompt is read from the ``attention_mask`` of the first pass (a forward
+pre-hook on the model): all non-padding tokens of a pass over an empty KV cache are the prompt;
+passes over a non-empty cache (decode steps) add nothing. ``generate`` and ``score`` pin the prompt
+explicitly, so cache-free generation (which re-runs the whole sequence each step) applies the edit
+at the same position as cached generation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import HoReNAdapter, build_queries, layer_dims, lora_init
+from .codebook import Codebook
+from .config import HoReNConfig
+
+__all__ = ["HoReNEditor", "EditResult", "resolve_layer"]
+
+CONFIG_FILE = "config.yaml"
+CODEBOOK_FILE = "codebook.safetensors"
+SAME_KEY_COS = 1 - 1e-6   # SPEC 5.3: a matched key this close to the query is "the same prompt"
+
+# (container of the decoder blocks, the MLP output projection inside a block), per architecture
+_LAYOUTS = (
+    ("model.layers", "mlp.down_proj"),          # Llama, Qwen2, Mistral, Gemma, Phi-3, ...
+    ("transformer.h", "mlp.c_proj"),            # GPT-2 (Conv1D)
+    ("gpt_neox.layers", "mlp.dense_4h_to_h"),   # GPT-NeoX / Pythia
+)
+
+
+@dataclass
+class EditResult:
+    id: int                    # the codebook entry holding this edit
+    loss: float                # target cross-entropy with the final value
+    action: str                # "added" | "reused" | "replaced"
+    replaced_id: int | None    # the entry this edit replaced (action "replaced")
+    seconds: float             # wall time of the edit
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and re.fullmatch(r"-?\d+", part):
+            idx = int(part)
+            if not -len(mod) <= idx < len(mod):
+                raise IndexError(part)
+            mod = mod[idx]
+        else:
+            mod = getattr(mod, part)
+    return mod
+
+
+def resolve_layer(model: nn.Module, layer: str | int) -> tuple[str, nn.Module]:
+    """The module path and module for ``layer`` (a module path, or a decoder layer index resolved
+    with the architecture's layout: ``model.layers.{i}.mlp.down_proj`` for Llama/Qwen2/Mistral,
+    ``transformer.h.{i}.mlp.c_proj`` for GPT-2)."""
+    if isinstance(layer, int):
+        for container, proj in _LAYOUTS:
+            try:
+                blocks = _get(model, container)
+            except AttributeError:
+                continue
+            n = len(blocks)
+            if not -n <= layer < n:
+                raise ValueError(f"layer index {layer} is out of range: the model has {n} decoder "
+                                 f"layers ({container}.0 .. {container}.{n - 1})")
+            path = f"{container}.{layer % n}.{proj}"
+            break
+        else:
+            raise ValueError(f"cannot resolve layer index {layer} for {type(model).__name__}: give the "
+                             f"module path of the MLP output projection instead (layer='...down_proj')")
+    else:
+        path = layer
+    try:
+        module = _get(model, path)
+    except (AttributeError, IndexError):
+        raise ValueError(f"the model ({type(model).__name__}) has no module {path!r}") from None
+    if isinstance(module, HoReNAdapter):
+        raise ValueError(f"{path} already carries a HoReN adapter; detach() that editor first")
+    layer_dims(module)  # raises a clear TypeError for a non-linear module
+    return path, module
+
+
+def _blocks_of(model: nn.Module, path: str) -> tuple[nn.ModuleList | None, int | None]:
+    """The decoder-block list containing the layer at ``path`` and the block's index."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if re.fullmatch(r"\d+", parts[i]):
+            parent = _get(model, ".".join(parts[:i]))
+            if isinstance(parent, nn.ModuleList):
+                return parent, int(parts[i])
+    return None, None
+
+
+class _Replay(nn.Module):
+    """Stands in for the decoder blocks before L while an edit trains: returns the captured input
+    of block L at the suffix positions, whatever it is given."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        return self.hidden
+
+
+def _cache_length(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    try:  # legacy tuple of (key, value) per layer
+        return int(cache[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def _record(rec) -> tuple[str, str]:
+    if isinstance(rec, dict):
+        prompt = rec.get("prompt")
+        target = rec.get("target", rec.get("target_new"))
+    elif isinstance(rec, (tuple, list)) and len(rec) == 2:
+        prompt, target = rec
+    else:
+        raise TypeError(f"an edit record is a dict with 'prompt' and 'target' (or 'target_new'), or a "
+                        f"(prompt, target) pair; got {rec!r}")
+    if not isinstance(prompt, str) or not isinstance(target, str) or not prompt or not target:
+        raise ValueError(f"an edit needs a non-empty prompt and target string; got {rec!r}")
+    return prompt, target
+
+
+class HoReNEditor:
+    """HoReN on one layer of ``model`` (see the module docstring).
+
+    Attributes: ``model``, ``tokenizer``, ``config``, ``codebook``, ``adapter``, ``layer_path``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: HoReNConfig, *,
+                 codebook: Codebook | None = None):
+        if not isinstance(config, HoReNConfig):
+            raise TypeError(f"config must be a HoReNConfig, got {type(config).__name__}")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.layer_path, base = resolve_layer(model, config.layer)
+        d_key, d_value, _ = layer_dims(base)
+        param = next(model.parameters())
+        self.device = param.device
+        entry_dim = self.entry_dim(config, d_value)
+        if codebook is None:
+            dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+            codebook = Codebook(d_key, entry_dim, dtype=dtype, device=self.device, **config.retrieval_kwargs())
+        else:
+            if (codebook.key_dim, codebook.value_dim) != (d_key, entry_dim):
+                raise ValueError(
+                    f"these edits were made on a layer of input width {codebook.key_dim} and entry width "
+                    f"{codebook.value_dim} ({config.adapter_mode} mode), but {self.layer_path} in this "
+                    f"{type(model).__name__} has input width {d_key} and output width {d_value} (entry "
+                    f"width {entry_dim}); load them into the model they were made for")
+            codebook.config.update(config.retrieval_kwargs())
+            if codebook.device != self.device:
+                codebook.to(self.device)
+        self.codebook = codebook
+        self.adapter = HoReNAdapter(base, codebook, mode=config.adapter_mode,
+                                    strategy=config.query_selection_strategy,
+                                    lora_rank=config.lora_rank, lora_scale=config.lora_scale)
+        parent_path, _, name = self.layer_path.rpartition(".")
+        self._parent = _get(model, parent_path) if parent_path else model
+        self._name = name
+        self._blocks, self._block_index = _blocks_of(model, self.layer_path)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self._set_child(self.adapter)
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            model.register_forward_hook(self._post_hook, always_call=True),
+        ]
+        self._attached = True
+
+    @staticmethod
+    def entry_dim(config: HoReNConfig, d_value: int) -> int:
+        """Width of a codebook entry: the value (value, none) or the flattened LoRA pair."""
+        return 2 * config.lora_rank * d_value if config.adapter_mode == "lora" else d_value
+
+    # ---- installation -----------------------------------------------------------------------
+    def _set_child(self, module: nn.Module) -> None:
+        if isinstance(self._parent, (nn.ModuleList, nn.Sequential)) and self._name.isdigit():
+            self._parent[int(self._name)] = module
+        else:
+            setattr(self._parent, self._name, module)
+
+    def detach(self) -> None:
+        """Put the original layer back and remove the hooks; the editor is unusable afterwards."""
+        if not self._attached:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._set_child(self.adapter.base)
+        self._attached = False
+
+    def _check(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this HoReNEditor was detached; create a new one (or HoReNEditor.load)")
+
+    def _pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            mask = None
+        T = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
+        first = _cache_length(cache) == 0 and (mask is None or T is None or mask.shape[1] == T)
+        self.adapter.begin_pass(first, mask if first else None)
+
+    def _post_hook(self, module, args, output):
+        self.adapter.end_pass()
+
+    def __len__(self) -> int:
+        return len(self.codebook)
+
+    def __repr__(self) -> str:
+        return (f"HoReNEditor(layer={self.layer_path!r}, mode={self.config.adapter_mode!r}, "
+                f"edits={len(self.codebook)}, attached={self._attached})")
+
+    # ---- tokenization -----------------------------------------------------------------------
+    def _encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, target ids) of ``prompt + " " + target`` (SPEC 5.1). The joint
+        tokenization is used when it starts with the prompt's own tokens; otherwise the target is
+        tokenized alone (``" " + target``, no special tokens) and appended."""
+        tok = self.tokenizer
+        p_ids = list(tok(prompt)["input_ids"])
+        full = list(tok(prompt + " " + target)["input_ids"])
+        if len(full) > len(p_ids) and full[: len(p_ids)] == p_ids:
+            t_ids = full[len(p_ids):]
+        else:
+            t_ids = list(tok(" " + target, add_special_tokens=False)["input_ids"])
+        if not p_ids or not t_ids:
+            raise ValueError(f"the prompt {prompt!r} or target {target!r} tokenizes to nothing")
+        if len(p_ids) + len(t_ids) > self.config.max_length:
+            raise ValueError(f"prompt + target is {len(p_ids) + len(t_ids)} tokens, more than max_length="
+                             f"{self.config.max_length}; shorten it or raise max_length")
+        return p_ids, t_ids
+
+    # ---- editing ----------------------------------------------------------------------------
+    @contextmanager
+    def _editing(self):
+        """Eval mode and frozen parameters for the duration of an edit (restored after)."""
+        was_training = self.model.training
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.eval()
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.model.train(was_training)
+            self.adapter._capture = None
+            self.adapter._edit = None
+
+    def _initial_entry(self, ids: list[int], y_p: torch.Tensor) -> torch.Tensor:
+        """A new entry's starting point: cold = uniform [0, 1) (SPEC 5.3), warm = y[p]; LoRA:
+        A ~ U(-1/sqrt(d), 1/sqrt(d)), B = 0. The random draws are seeded by ``config.seed`` and the
+        edit's token ids, so an edit starts the same whatever was edited before it."""
+        cfg, cb = self.config, self.codebook
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(str(ids).encode()))
+        if cfg.adapter_mode == "none":
+            init = torch.zeros(cb.value_dim)
+        elif cfg.adapter_mode == "lora":
+            init = lora_init(cfg.lora_rank, self.adapter.value_dim, g)
+        elif cfg.val_init == "warm":
+            init = y_p.reshape(-1)
+        else:
+            init = torch.rand(cb.value_dim, generator=g)
+        return init.to(self.device, cb.dtype)
+
+    def edit(self, prompt: str, target: str) -> EditResult:
+        """Make one edit (SPEC 5); returns its EditResult."""
+        self._check()
+        t0 = time.perf_counter()
+        p_ids, t_ids = self._encode(prompt, target)
+        P, S = len(p_ids), len(t_ids)
+        T, p = P + S, P - 1
+        ids = torch.tensor([p_ids + t_ids], dtype=torch.long, device=self.device)
+        cfg, cb, ad = self.config, self.codebook, self.adapter
+        with self._editing():
+            # ---- one pass over [0, T-1): query, y[p], block-L input, prefix KV cache
+            cap = {}
+
+            def capture(x, y):
+                cap["x"] = x[:, :P].detach()
+                cap["y_p"] = y[0, p].detach()
+            ad._capture = capture
+            hook = None
+            if self._blocks is not None and self._block_index > 0:
+                def block_input(module, args, kwargs):
+                    h = args[0] if args else kwargs.get("hidden_states")
+                    if isinstance(h, torch.Tensor):
+                        cap["h"] = h.detach()
+                hook = self._blocks[self._block_index].register_forward_pre_hook(block_input, with_kwargs=True)
+            kw = {self._cache_kw: None, "use_cache": True}
+            if self._logits_to_keep:
+                kw["logits_to_keep"] = S if cfg.adapter_mode == "none" else 1
+            try:
+                with torch.no_grad():
+                    out = self.model(input_ids=ids[:, : T - 1], **kw)
+            finally:
+                ad._capture = None
+                if hook is not None:
+                    hook.remove()
+            cache = getattr(out, self._cache_kw, None)
+            if cache is None:
+                cache = getattr(out, "past_key_values", None)
+            prefix = self._prefix_cache(cache, p, T - 1)
+            start = p if prefix is not None else 0   # without a prefix cache: the whole sequence
+
+            # ---- retrieval: reuse, replace or add (SPEC 5.2-5.3)
+            q, _ = build_queries(cap["x"], torch.ones(1, P, dtype=torch.bool, device=self.device),
+                                 cfg.query_selection_strategy)
+            label = tuple(t_ids)
+            action, entry_id, replaced = "added", None, None
+            if len(cb):
+                res = cb.retrieve(q)
+                if bool(res.matched[0]):
+                    j = int(res.index[0])
+                    if cb.get_labels(j)[0] == label:
+                        action, entry_id = "reused", j
+                    else:
+                        k = cb.get_keys(j)[0].to(torch.float64)
+                        if float(F.normalize(q[0].to(torch.float64), dim=0) @ k) > SAME_KEY_COS:
+                            action, replaced = "replaced", j
+            entry = (cb.get_values(entry_id)[0] if action == "reused"
+                     else self._initial_entry(p_ids + t_ids, cap["y_p"]))
+
+            # ---- optimize this entry only, over the suffix [p, T-1)
+            targets = ids[0, p + 1:]
+            if cfg.adapter_mode == "none":
+                loss = float(F.cross_entropy(out.logits[0, -S:].float(), targets))
+            else:
+                h = cap.get("h")
+                run = _SuffixRunner(self, ids[:, start: T - 1], p - start, S, prefix,
+                                    None if h is None else h[:, start:])
+                entry = entry.detach().clone().requires_grad_(True)
+                opt = torch.optim.Adam([entry], lr=cfg.lr)
+                with run:
+                    for _ in range(cfg.n_iter):
+                        loss_t = F.cross_entropy(run.logits(entry), targets)
+                        (grad,) = torch.autograd.grad(loss_t, (entry,))
+                        entry.grad = grad
+                        opt.step()
+                    with torch.no_grad():
+                        loss = float(F.cross_entropy(run.logits(entry), targets))
+                entry = entry.detach()
+
+        # ---- store
+        if action == "reused":
+            cb.update(entry_id, value=entry)
+        else:
+            if replaced is not None:
+                cb.remove(replaced)
+            entry_id = int(cb.add(q, entry[None], [label])[0])
+        return EditResult(id=entry_id, loss=loss, action=action, replaced_id=replaced,
+                          seconds=time.perf_counter() - t0)
+
+    def _prefix_cache(self, cache, p: int, length: int):
+        """The KV cache of [0, p) as a list of (key, value) per layer, or None when the cache
+        cannot be cropped by position (e.g. sliding-window layers shorter than the sequence)."""
+        if cache is None or p == 0:
+            return None
+        out = []
+        for item in cache:
+            k, v = item[0], item[1]
+            if k is None or k.shape[-2] != length:
+                return None
+            out.append((k[..., :p, :], v[..., :p, :]))
+        return out
+
+    def edit_many(self, records: Iterable, progress: bool = True) -> list[EditResult]:
+        """Edit records one after another (sequential editing). A record is a dict with "prompt" and
+        "target" (or EasyEdit's "target_new"), or a (prompt, target) pair."""
+        from tqdm.auto import tqdm
+        total = len(records) if hasattr(records, "__len__") else None
+        results = []
+        for rec in tqdm(records, total=total, disable=not progress, desc="HoReN edits", unit="edit"):
+            results.append(self.edit(*_record(rec)))
+        return results
+
+    def forget(self, entry_id: int) -> None:
+        """Remove an edit (its codebook entry); outputs return to what they were without it."""
+        self._check()
+        self.codebook.remove(int(entry_id))
+
+    # ---- inference --------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """``model.generate`` with the edits applied at each row's last prompt token (the prompt is
+        every non-padding token of ``input_ids``). Takes the tokenizer's outputs and any Hugging Face
+        generation argument; returns what ``model.generate`` returns. With the KV cache (default) the
+        edit is applied at the prefill pass only; with ``use_cache=False`` each step re-runs the
+        whole sequence and the edit stays at the same position, so both give the same tokens."""
+        self._check()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with torch.no_grad(), self.adapter.pinned(attention_mask != 0):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def score(self, prompts: list[str], targets: list[str], batch_size: int = 16) -> torch.Tensor:
+        """Summed teacher-forced log-probabilities of each target after its prompt (tokenized as an
+        edit is), with the edits applied: FloatTensor [B]."""
+        self._check()
+        if isinstance(prompts, str):
+            prompts, targets = [prompts], [targets]
+        if len(prompts) != len(targets):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(targets)} targets")
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        out = []
+        for lo in range(0, len(prompts), batch_size):
+            enc = [self._encode(p, t) for p, t in zip(prompts[lo: lo + batch_size], targets[lo: lo + batch_size])]
+            B, T = len(enc), max(len(a) + len(b) for a, b in enc)
+            ids = torch.full((B, T), pad, dtype=torch.long)
+            mask = torch.zeros(B, T, dtype=torch.long)
+            prompt = torch.zeros(B, T, dtype=torch.bool)
+            gold = torch.zeros(B, T, dtype=torch.bool)   # positions whose next token is a target
+            for i, (a, b) in enumerate(enc):
+                ids[i, : len(a) + len(b)] = torch.tensor(a + b)
+                mask[i, : len(a) + len(b)] = 1
+                prompt[i, : len(a)] = True
+                gold[i, len(a) - 1: len(a) + len(b) - 1] = True
+            ids, mask, prompt, gold = (t.to(self.device) for t in (ids, mask, prompt, gold))
+            with torch.no_grad(), self.adapter.pinned(prompt):
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+            lp = torch.log_softmax(logits[:, :-1].to(torch.float64 if logits.dtype == torch.float64
+                                                    else torch.float32), dim=-1)
+            tok_lp = lp.gather(2, ids[:, 1:, None]).squeeze(2)
+            out.append((tok_lp * gold[:, :-1]).sum(1))
+        return torch.cat(out)
+
+    # ---- files ------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Save the config and the codebook to the directory ``path`` (created if needed)."""
+        self._check()
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        dataclasses.replace(self.config, layer=self.layer_path).to_yaml(os.path.join(path, CONFIG_FILE))
+        self.codebook.save(os.path.join(path, CODEBOOK_FILE))
+
+    @classmethod
+    def load(cls, path, model: nn.Module, tokenizer) -> "HoReNEditor":
+        """Attach saved edits to ``model``; a model whose layer has another shape is rejected."""
+        path = os.fspath(path)
+        for name in (CONFIG_FILE, CODEBOOK_FILE):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{path} is not a saved HoReN editor: {name} is missing")
+        config = HoReNConfig.from_yaml(os.path.join(path, CONFIG_FILE))
+        device = next(model.parameters()).device
+        codebook = Codebook.load(os.path.join(path, CODEBOOK_FILE), device=device)
+        return cls(model, tokenizer, config, codebook=codebook)
+
+
+class _SuffixRunner:
+    """Runs the model over the suffix positions [p, T-1) of an edit with the entry applied at p.
+
+    Inside ``with runner:`` the decoder blocks before L return the captured input of block L;
+    ``logits(entry)`` then runs blocks L.. over the suffix on a fresh copy of the prefix KV cache
+    and returns the logits of the last ``n_logits`` positions in float32 (float64 for float64
+    models). Without a prefix cache the "suffix" is the whole sequence [0, T-1)."""
+
+    def __init__(self, editor: HoReNEditor, suffix: torch.Tensor, pos: int, n_logits: int, prefix,
+                 block_input):
+        self.editor, self.suffix, self.pos, self.n_logits = editor, suffix, pos, n_logits
+        self.prefix, self.block_input = prefix, block_input
+        self.replaced = []
+
+    def __enter__(self):
+        ed = self.editor
+        if self.block_input is not None and ed._blocks is not None and ed._block_index > 0:
+            replay = _Replay(self.block_input)
+            for i in range(ed._block_index):
+                self.replaced.append((i, ed._blocks[i]))
+                ed._blocks[i] = replay
+        return self
+
+    def __exit__(self, *exc):
+        for i, block in self.replaced:
+            self.editor._blocks[i] = block
+        self.replaced = []
+        return False
+
+    def _cache(self):
+        if self.prefix is None:
+            return None
+        from transformers import DynamicCache
+        return DynamicCache(ddp_cache_data=self.prefix, config=self.editor.model.config)
+
+    def logits(self, entry: torch.Tensor) -> torch.Tensor:
+        ed = self.editor
+        ed.adapter._edit = (self.pos, entry)
+        kw = {ed._cache_kw: self._cache()}
+        kw["use_cache"] = kw[ed._cache_kw] is not None
+        if ed._logits_to_keep:
+            kw["logits_to_keep"] = self.n_logits
+        try:
+            out = ed.model(input_ids=self.suffix, **kw)
+        finally:
+            ed.adapter._edit = None
+        logits = out.logits[0, -self.n_logits:]
+        return logits.double() if logits.dtype == torch.float64 else logits.float()
