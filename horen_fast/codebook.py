@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ._files import HoReNFileError, load_tensors, save_tensors
-from .retrieval import RetrievalResult, check_params, retrieve
+from .retrieval import RetrievalResult, _check_tensors, check_params, retrieve
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -51,11 +51,19 @@ class Codebook:
 
     ``retrieve`` keyword defaults (beta, alpha, steps, threshold, eps, backend) are stored with the
     codebook and saved with it; any of them can be overridden per call.
+
+    ``prefilter="faiss"`` keeps a FAISS index (``index`` "flat", "ivf" or "hnsw") in step with the
+    keys, and ``retrieve`` then runs over each query's ``candidates`` nearest keys only (an
+    approximation, or certified-or-exact with ``safe=True``; see horen_fast/prefilter.py; it
+    synchronizes with the host). ``prefilter_options`` tunes the index (nlist, nprobe, hnsw_m,
+    ef_search, ef_construction, rebuild_fraction, seed). The index is not saved; ``load`` rebuilds it.
     """
 
     def __init__(self, key_dim: int, value_dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", beta: float = 20.0, alpha: float = 0.1,
-                 steps: int = 1, threshold: float = 0.85, eps: float = 1e-5, backend: str = "auto"):
+                 steps: int = 1, threshold: float = 0.85, eps: float = 1e-5, backend: str = "auto",
+                 prefilter: str | None = None, index: str = "flat", candidates: int = 256,
+                 safe: bool = False, tolerance: float = 1e-4, prefilter_options: dict | None = None):
         for name, v in (("key_dim", key_dim), ("value_dim", value_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -75,6 +83,20 @@ class Codebook:
         self._ids: list[int] = []            # slot -> id (host mirror)
         self._labels: list[Label] = []       # slot -> label
         self.reallocations = 0               # how many times storage was reallocated
+        if prefilter not in (None, "faiss"):
+            raise ValueError(f"prefilter must be None or 'faiss', got {prefilter!r}")
+        self.prefilter = None
+        if prefilter == "faiss":
+            from .prefilter import FaissPrefilter
+            self.prefilter = FaissPrefilter(key_dim, index=index, candidates=candidates, safe=safe,
+                                            tolerance=tolerance, device=self.device,
+                                            options=prefilter_options)
+
+    def _sync_prefilter(self) -> None:
+        """Rebuild the prefilter index from the live keys when it asks for it (dead labels piled
+        up, or an IVF quantizer due for training)."""
+        if self.prefilter is not None and self.prefilter.needs_rebuild:
+            self.prefilter.rebuild(self.keys, self.slot_ids)
 
     # ---- size and storage -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -200,13 +222,19 @@ class Codebook:
         self._labels.extend(labs)
         self._n = hi
         self._next_id += n
-        return torch.tensor(new_ids, dtype=torch.long)
+        out = torch.tensor(new_ids, dtype=torch.long)
+        if self.prefilter is not None:
+            self.prefilter.add(out, k)
+            self._sync_prefilter()
+        return out
 
     def remove(self, ids) -> None:
         """Remove entries by id (each O(1): the last entry moves into the hole)."""
         slots = self._slots(ids)
         if len(set(slots)) != len(slots):
             raise ValueError("remove: the same id is given twice")
+        if self.prefilter is not None:
+            self.prefilter.remove([self._ids[s] for s in slots])
         for entry_id in [self._ids[s] for s in slots]:
             slot = self._slot_of.pop(entry_id)
             last = self._n - 1
@@ -224,6 +252,7 @@ class Codebook:
             self._ids.pop()
             self._labels.pop()
             self._n = last
+        self._sync_prefilter()
 
     def update(self, entry_id: int, *, key: torch.Tensor | None = None,
                value: torch.Tensor | None = None, label=...) -> None:
@@ -231,6 +260,9 @@ class Codebook:
         (slot,) = self._slots(entry_id)
         if key is not None:
             self._keys[slot] = self._normalized_keys(key)[0]
+            if self.prefilter is not None:
+                self.prefilter.update(int(entry_id), self._keys[slot])
+                self._sync_prefilter()
         if value is not None:
             self._values[slot] = self._checked_values(value, 1)[0]
         if label is not ...:
@@ -257,8 +289,11 @@ class Codebook:
         return torch.where((index >= 0)[:, None], rows, torch.zeros_like(rows))
 
     # ---- retrieval --------------------------------------------------------------------------
-    def retrieve(self, queries: torch.Tensor, **overrides) -> RetrievalResult:
-        """HoReN retrieval against the live keys; ``.index`` holds entry ids (-1: no match)."""
+    def retrieve(self, queries: torch.Tensor, *, exact: bool = False, **overrides) -> RetrievalResult:
+        """HoReN retrieval against the live keys; ``.index`` holds entry ids (-1: no match).
+
+        With a prefilter, runs over each row's candidates (see horen_fast/prefilter.py) unless
+        ``exact=True``."""
         unknown = set(overrides) - set(self.config)
         if unknown:
             raise TypeError(f"unknown retrieve option(s) {sorted(unknown)}; known: {sorted(self.config)}")
@@ -267,7 +302,14 @@ class Codebook:
             queries = queries[None]
         if isinstance(queries, torch.Tensor) and queries.device != self.device:
             queries = queries.to(self.device)
-        res = retrieve(queries, self.keys, **opts)
+        if self.prefilter is not None and not exact and self._n:
+            from .prefilter import prefiltered_retrieve
+            params = check_params(opts["beta"], opts["alpha"], opts["steps"], opts["threshold"], opts["eps"])
+            _check_tensors(queries, self.keys)
+            res = prefiltered_retrieve(queries, self.keys, self._slot_of_id, self.prefilter, params,
+                                       lambda q: retrieve(q, self.keys, **opts))
+        else:
+            res = retrieve(queries, self.keys, **opts)
         ids = self.slot_ids[res.index.clamp(min=0)] if self._n else res.index
         return RetrievalResult(index=torch.where(res.matched, ids, res.index), score=res.score,
                                matched=res.matched)
@@ -278,6 +320,10 @@ class Codebook:
         for name in ("_keys", "_values", "_slot_ids", "_slot_of_id"):
             setattr(self, name, getattr(self, name).to(device))
         self.device = device
+        if self.prefilter is not None:  # a GPU index where FAISS can, else CPU; rebuilt either way
+            from .prefilter import FaissPrefilter
+            self.prefilter = FaissPrefilter(self.key_dim, device=device, **self.prefilter.settings())
+            self.prefilter.rebuild(self.keys, self.slot_ids)
         return self
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -293,7 +339,8 @@ class Codebook:
     def _metadata(self) -> dict:
         return {"kind": "horen_fast.Codebook", "format_version": FORMAT_VERSION, "count": self._n,
                 "key_dim": self.key_dim, "value_dim": self.value_dim,
-                "dtype": _dtype_name(self.dtype), "next_id": self._next_id, "config": self.config}
+                "dtype": _dtype_name(self.dtype), "next_id": self._next_id, "config": self.config,
+                **({"prefilter": self.prefilter.settings()} if self.prefilter is not None else {})}
 
     def save(self, path) -> None:
         """Save to one safetensors file (tensors + JSON metadata + checksum), atomically: a crash
@@ -313,7 +360,11 @@ class Codebook:
         try:
             n, dk, dv = int(meta["count"]), int(meta["key_dim"]), int(meta["value_dim"])
             dtype = _DTYPES[meta["dtype"]]
-            cb = cls(dk, dv, dtype=dtype, device=device or "cpu", **meta["config"])
+            pf = meta.get("prefilter")
+            extra = {} if pf is None else dict(prefilter="faiss", index=pf["index"],
+                                                candidates=pf["candidates"], safe=pf["safe"],
+                                                tolerance=pf["tolerance"], prefilter_options=pf["options"])
+            cb = cls(dk, dv, dtype=dtype, device=device or "cpu", **meta["config"], **extra)
         except (KeyError, TypeError, ValueError) as exc:
             raise HoReNFileError(path, f"metadata is incomplete or invalid ({exc})") from None
         expected = {"keys": (n, dk), "values": (n, dv), "ids": (n,), "label_lengths": (n,)}
@@ -343,6 +394,8 @@ class Codebook:
         cb._slot_of_id = torch.full((max(cb._next_id, 1),), -1, dtype=torch.long, device=cb.device)
         cb._slot_of_id[cb.slot_ids] = torch.arange(n, device=cb.device)
         cb.reallocations = 0
+        if cb.prefilter is not None:  # the index is rebuilt from the saved keys, never stored
+            cb.prefilter.rebuild(cb.keys, cb.slot_ids)
         return cb
 
     def __repr__(self) -> str:
