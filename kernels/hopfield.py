@@ -21,9 +21,9 @@ the threshold (a key tile with no candidate loads no key row); rows that stopped
 already have exact final cosines in s. Everything else is -inf, and argmax over the row picks the
 answer (first index on ties).
 
-Dot products go through ``tl.dot`` with ``input_precision="tf32x3"`` (about float32 accuracy on
-tensor cores) when the query block has 16 rows or more, and through broadcast multiply-sum for
-1 to 8 query rows. Keys are loaded in their dtype (float32, bfloat16, float16) and widened to
+Dot products go through ``tl.dot`` on tensor cores at about float32 accuracy when the query block
+has 16 rows or more (bfloat16 keys: the float32 operand split into two bfloat16 parts; other keys:
+``input_precision="tf32x3"``), and through broadcast multiply-sum for 1 to 4 query rows. Keys are loaded in their dtype (float32, bfloat16, float16) and widened to
 float32. No host synchronization anywhere: the launch sequence is capturable in a CUDA graph.
 """
 from __future__ import annotations
@@ -44,10 +44,40 @@ BOUND_SLACK = 1e-5  # cosine units: covers float32 rounding in s, the norms and 
 
 
 @triton.jit
+def _split_bf16(x):
+    """x (float32) = hi + lo with both parts in bfloat16, to about 16 mantissa bits."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b for a float32 ``a`` and ``b`` in the key dtype, at about float32 accuracy.
+
+    bfloat16 keys are exact in bfloat16, so a is split into two bfloat16 parts: two bf16 MMAs with
+    float32 accumulation (error below 2^-16 of sum |a b|). Other keys use tf32x3 (three TF32 MMAs).
+    ``EMULATE`` (Triton's interpreter, whose bf16 dot is not numeric) runs the same split in float32.
+    """
+    if DOT_BF16:
+        hi, lo = _split_bf16(a)
+        if EMULATE:
+            bf = b.to(tl.float32)
+            acc = tl.dot(hi.to(tl.float32), bf, acc, input_precision="ieee")
+            acc = tl.dot(lo.to(tl.float32), bf, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(hi, b, acc)
+            acc = tl.dot(lo, b, acc)
+    else:
+        acc = tl.dot(a, b.to(tl.float32), acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
 def _scores_kernel(q_ptr, k_ptr, s_ptr, mpart_ptr, knorm_ptr, lpart_ptr,
                    B, N, D, stride_q, stride_k, stride_s, keys_per_split, alpha,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   USE_DOT: tl.constexpr, LAST: tl.constexpr):
+                   USE_DOT: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
+                   LAST: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -67,9 +97,10 @@ def _scores_kernel(q_ptr, k_ptr, s_ptr, mpart_ptr, knorm_ptr, lpart_ptr,
             dmask = dd < D
             qt = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :],
                          mask=rmask[:, None] & dmask[None, :], other=0.0)
-            kt = tl.load(k_rows + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            kraw = tl.load(k_rows + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+            kt = kraw.to(tl.float32)
             if USE_DOT:
-                acc = tl.dot(qt, tl.trans(kt), acc, input_precision="tf32x3")
+                acc = _mma(qt, tl.trans(kraw), acc, DOT_BF16, EMULATE)
             else:
                 acc += tl.sum(qt[:, None, :] * kt[None, :, :], axis=2)
             if LAST:
@@ -100,7 +131,8 @@ def _row_max_over_splits(part_ptr, rows, rmask, B, NSPLIT, NSPLIT_PAD: tl.conste
 def _wsum_kernel(k_ptr, s_ptr, mpart_ptr, part_ptr,
                  B, N, D, stride_k, stride_s, keys_per_split, NSPLIT1, beta_log2e,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 NSPLIT1_PAD: tl.constexpr, USE_DOT: tl.constexpr):
+                 NSPLIT1_PAD: tl.constexpr, USE_DOT: tl.constexpr, DOT_BF16: tl.constexpr,
+                 EMULATE: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -119,12 +151,12 @@ def _wsum_kernel(k_ptr, s_ptr, mpart_ptr, part_ptr,
         sv = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :],
                      mask=rmask[:, None] & cmask[None, :], other=float("-inf"))
         p = tl.exp2((sv - mx[:, None]) * beta_log2e)
-        kt = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_k + dd[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        kraw = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_k + dd[None, :],
+                       mask=cmask[:, None] & dmask[None, :], other=0.0)
         if USE_DOT:
-            acc = tl.dot(p, kt, acc, input_precision="tf32x3")
+            acc = _mma(p, kraw, acc, DOT_BF16, EMULATE)
         else:
-            acc += tl.sum(p[:, :, None] * kt[None, :, :], axis=1)
+            acc += tl.sum(p[:, :, None] * kraw.to(tl.float32)[None, :, :], axis=1)
     tl.store(part_ptr + (pid_s * B + rows)[:, None] * D + dd[None, :], acc,
              mask=rmask[:, None] & dmask[None, :])
 
@@ -175,7 +207,8 @@ def _update_kernel(q_ptr, part_ptr, u_ptr, running_ptr, nrm_ptr,
 def _final_kernel(q_ptr, k_ptr, s_ptr, knorm_ptr, lpart_ptr, nrm_ptr, running_ptr,
                   B, N, D, stride_q, stride_k, stride_s, NSPLIT1, alpha, threshold, slack,
                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NSPLIT1_PAD: tl.constexpr, USE_DOT: tl.constexpr):
+                  NSPLIT1_PAD: tl.constexpr, USE_DOT: tl.constexpr, DOT_BF16: tl.constexpr,
+                  EMULATE: tl.constexpr):
     """In place: s[b, i] <- exact final cosine where it can win, s where already exact, else -inf."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -202,12 +235,11 @@ def _final_kernel(q_ptr, k_ptr, s_ptr, knorm_ptr, lpart_ptr, nrm_ptr, running_pt
             dmask = dd < D
             qt = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :],
                          mask=rmask[:, None] & dmask[None, :], other=0.0)
-            kt = tl.load(k_rows + dd[None, :], mask=key_wanted[:, None] & dmask[None, :],
-                         other=0.0).to(tl.float32)
+            kraw = tl.load(k_rows + dd[None, :], mask=key_wanted[:, None] & dmask[None, :], other=0.0)
             if USE_DOT:
-                acc = tl.dot(qt, tl.trans(kt), acc, input_precision="tf32x3")
+                acc = _mma(qt, tl.trans(kraw), acc, DOT_BF16, EMULATE)
             else:
-                acc += tl.sum(qt[:, None, :] * kt[None, :, :], axis=2)
+                acc += tl.sum(qt[:, None, :] * kraw.to(tl.float32)[None, :, :], axis=2)
         out = tl.where(cand, acc, out)
     tl.store(s_tile, out, mask=tile_mask)
 
@@ -254,6 +286,9 @@ def _plan(B: int, N: int, D: int, device: torch.device, cfg: TileConfig):
         block_n = cfg.block_n
     elif gpu:
         block_n = 64 if use_dot else max(16, 64 // block_b)
+        # few keys: smaller key tiles, so that the scores pass still spreads over the SMs
+        while block_n > 16 and triton.cdiv(N, block_n) * triton.cdiv(B, block_b) < _programs_wanted(device):
+            block_n //= 2
     else:
         block_n = 128 if use_dot else max(16, 256 // block_b)
     n_qblocks = triton.cdiv(B, block_b)
@@ -291,6 +326,7 @@ def final_cosines(q: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, *, b
     nqb, ns1, ns2 = plan["n_qblocks"], plan["splits1"], plan["splits2"]
     ns1_pad = max(2, triton.next_power_of_2(ns1))
     nw = cfg.num_warps
+    dot_bf16 = keys.dtype == torch.bfloat16
 
     q = q.contiguous().clone()
     s = torch.empty(B, N, device=dev, dtype=torch.float32)
@@ -307,13 +343,13 @@ def final_cosines(q: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, *, b
         _scores_kernel[(nqb, ns1)](
             q, keys, s, mpart, knorm, lpart, B, N, D, q.stride(0), keys.stride(0), s.stride(0),
             plan["per1"], float(alpha), BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, USE_DOT=use_dot,
-            LAST=last, num_warps=nw)
+            DOT_BF16=dot_bf16, EMULATE=INTERPRETED, LAST=last, num_warps=nw)
         if steps == 0:
             break
         _wsum_kernel[(nqb, plan["n_dchunks"], ns2)](
             keys, s, mpart, part, B, N, D, keys.stride(0), s.stride(0), plan["per2"], ns1,
             float(beta) * math.log2(math.e), BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
-            NSPLIT1_PAD=ns1_pad, USE_DOT=use_dot, num_warps=nw)
+            NSPLIT1_PAD=ns1_pad, USE_DOT=use_dot, DOT_BF16=dot_bf16, EMULATE=INTERPRETED, num_warps=nw)
         _update_kernel[(triton.cdiv(B, plan["block_r"]),)](
             q, part, ubuf, running, nrm, B, D, q.stride(0), ns2, float(alpha), float(eps),
             BLOCK_R=plan["block_r"], BLOCK_D=plan["block_du"], num_warps=nw)
@@ -321,7 +357,7 @@ def final_cosines(q: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, *, b
         _final_kernel[(nqb, triton.cdiv(N, bn))](
             q, keys, s, knorm, lpart, nrm, running, B, N, D, q.stride(0), keys.stride(0), s.stride(0),
             ns1, float(alpha), float(threshold), BOUND_SLACK, BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
-            NSPLIT1_PAD=ns1_pad, USE_DOT=use_dot, num_warps=nw)
+            NSPLIT1_PAD=ns1_pad, USE_DOT=use_dot, DOT_BF16=dot_bf16, EMULATE=INTERPRETED, num_warps=nw)
     return s
 
 
