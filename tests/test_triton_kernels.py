@@ -222,3 +222,14 @@ def test_availability_needs_the_interpreter_on_cpu(monkeypatch):
     assert not triton_backend.is_available(torch.device("cpu"))
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not triton_backend.is_available(torch.device("cpu"))
+
+
+def test_keys_that_are_not_unit_norm():
+    """The final-scoring bound uses each key's own norm, so unnormalized keys stay exact."""
+    rng = np.random.default_rng(12)
+    k = anisotropic_keys(rng, 100, 26) * rng.uniform(0.5, 2.0, (100, 1))
+    q = paraphrases(rng, k, 7)
+    for steps in (1, 2):
+        res = run(torch.tensor(q, dtype=torch.float32), torch.tensor(k, dtype=torch.float32), SMALL,
+                  steps=steps, threshold=0.9)
+        assert_agrees(res, oracle_retrieve(q, k, steps=steps, threshold=0.9))
