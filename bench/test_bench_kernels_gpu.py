@@ -65,8 +65,8 @@ def test_kernels_gpu(benchmark, impl, n, d, b, dtype):
     queries = make_queries(keys, b)
     key_bytes = keys.numel() * keys.element_size()
     benchmark.group = f"gpu retrieve N={n} d={d} B={b} {str(dtype).replace('torch.', '')}"
-    benchmark.extra_info.update(n=n, d=d, b=b, impl=impl, dtype=str(dtype), device=torch.cuda.get_device_name(),
-                                key_bytes=key_bytes)
+    benchmark.extra_info.update(n=n, d=d, b=b, impl=impl, dtype=str(dtype),
+                                device=torch.cuda.get_device_name(), key_bytes=key_bytes)
     if impl == "published":
         def call():
             return published_retrieve(queries, keys, 20.0, 0.1, 1, 1e-5, 0.85)

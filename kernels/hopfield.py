@@ -23,8 +23,15 @@ answer (first index on ties).
 
 Dot products go through ``tl.dot`` on tensor cores at about float32 accuracy when the query block
 has 16 rows or more (bfloat16 keys: the float32 operand split into two bfloat16 parts; other keys:
-``input_precision="tf32x3"``), and through broadcast multiply-sum for 1 to 4 query rows. Keys are loaded in their dtype (float32, bfloat16, float16) and widened to
-float32. No host synchronization anywhere: the launch sequence is capturable in a CUDA graph.
+``input_precision="tf32x3"``), and through broadcast multiply-sum for 1 to 4 query rows. Keys are
+loaded in their dtype (float32, bfloat16, float16) and widened to float32. No host synchronization
+anywhere: the launch sequence is capturable in a CUDA graph.
+
+Why two reads per step and not one fused pass with an online softmax: the running weighted sum is
+B x d float32 per key split (16 x 14336 x 4 bytes = 0.9 MB), which cannot stay on chip, so a
+single pass would round-trip it through memory for every key tile, costing more than reading the
+keys again. Splitting the weighted sum over d chunks keeps each accumulator in registers.
+GPU performance of these kernels is not measured yet (bench/test_bench_kernels_gpu.py).
 """
 from __future__ import annotations
 
@@ -305,8 +312,8 @@ def _plan(B: int, N: int, D: int, device: torch.device, cfg: TileConfig):
     # prefers a few large programs
     block_r = 1 if gpu else min(16, triton.next_power_of_2(B))
     block_du = 1024 if gpu else min(1024, max(16, triton.next_power_of_2(D)))
-    return dict(block_r=block_r, block_du=block_du, block_b=block_b, block_n=block_n, block_d=block_d, use_dot=use_dot,
-                n_qblocks=n_qblocks, splits1=splits1, per1=per1, n_dchunks=n_dchunks,
+    return dict(block_r=block_r, block_du=block_du, block_b=block_b, block_n=block_n, block_d=block_d,
+                use_dot=use_dot, n_qblocks=n_qblocks, splits1=splits1, per1=per1, n_dchunks=n_dchunks,
                 splits2=splits2, per2=per2)
 
 
