@@ -196,21 +196,33 @@ class Codebook:
             raise ValueError(f"got {len(labels)} labels for {n} keys; give one label per key or None")
         return [_as_label(lab) for lab in labels]
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor, labels=None) -> torch.Tensor:
-        """Add entries; returns their new ids (LongTensor [n], on the CPU)."""
+    def add(self, keys: torch.Tensor, values: torch.Tensor, labels=None, *, ids=None) -> torch.Tensor:
+        """Add entries; returns their new ids (LongTensor [n], on the CPU).
+
+        ``ids`` (optional) gives the new entries' ids instead of the next free ones: distinct,
+        >= 0 and not in use (ShardedCodebook uses this to keep one id space across ranks)."""
         k = self._normalized_keys(keys)
         n = k.shape[0]
         v = self._checked_values(values, n)
         labs = self._checked_labels(labels, n)
+        if ids is None:
+            new_ids = list(range(self._next_id, self._next_id + n))
+        else:
+            new_ids = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids)]
+            if len(new_ids) != n or len(set(new_ids)) != n or any(i < 0 for i in new_ids):
+                raise ValueError(f"ids must be {n} distinct integers >= 0 (one per key), got {new_ids[:8]}")
+            taken = [i for i in new_ids if i in self._slot_of]
+            if taken:
+                raise ValueError(f"ids {taken[:8]} are already in use in this codebook")
+        top = max(new_ids) + 1 if new_ids else self._next_id
         self._reserve(self._n + n)
-        new_ids = list(range(self._next_id, self._next_id + n))
         lo, hi = self._n, self._n + n
         self._keys[lo:hi] = k
         self._values[lo:hi] = v
-        new = torch.arange(self._next_id, self._next_id + n, device=self.device)
+        new = torch.tensor(new_ids, dtype=torch.long, device=self.device)
         self._slot_ids[lo:hi] = new
-        if self._slot_of_id.shape[0] < self._next_id + n:
-            cap = max(_MIN_CAPACITY, 2 * self._slot_of_id.shape[0], self._next_id + n)
+        if self._slot_of_id.shape[0] < top:
+            cap = max(_MIN_CAPACITY, 2 * self._slot_of_id.shape[0], top)
             table = torch.full((cap,), -1, dtype=torch.long, device=self.device)
             table[: self._slot_of_id.shape[0]] = self._slot_of_id
             self._slot_of_id = table
@@ -221,7 +233,7 @@ class Codebook:
         self._ids.extend(new_ids)
         self._labels.extend(labs)
         self._n = hi
-        self._next_id += n
+        self._next_id = max(self._next_id, top)
         out = torch.tensor(new_ids, dtype=torch.long)
         if self.prefilter is not None:
             self.prefilter.add(out, k)

@@ -1,0 +1,296 @@
+"""A codebook split over the ranks of a torch.distributed process group.
+
+Every rank holds a slice of the entries in its own ``Codebook``; entry ids form one space across
+ranks. All methods are collective: every rank of the group calls them, in the same order, with the
+same arguments (SPMD), as with any torch.distributed program.
+
+Retrieval equals the single-codebook result (SPEC 3) up to float summation order. For each
+Hopfield step every rank computes, for its own keys, the row maximum of beta * q.k, then (after an
+all_reduce MAX) the sum of exp(beta * q.k - max) and the weighted key sum; one all_reduce SUM of
+[weighted key sum | sum] gives the full softmax's retrieved pattern. Final scoring: each rank scores
+its keys with the refined query, an all_reduce MAX picks the best cosine, and an all_reduce MIN
+over the ids holding it picks the winner. Ties go to the LOWEST ENTRY ID (a single ``Codebook``
+breaks ties by storage position, which is id order until entries are removed).
+
+Adds go to the least-loaded rank, key by key (ties: the lowest rank). ``save(directory)`` writes
+one ``Codebook`` file per rank and a manifest (JSON: world size, counts, each shard file's sha256,
+its own checksum; every write atomic); ``load`` checks all of it and fails clearly, on every rank,
+when a rank's shard is missing, corrupted or of another world size.
+
+Backends: gloo with CPU codebooks, NCCL with CUDA ones: ``dist.init_process_group("nccl")``,
+``torch.cuda.set_device(local_rank)`` and ``device=f"cuda:{local_rank}"``; the collectives then run
+on the GPU tensors. ``retrieve`` synchronizes with the host only to read the total entry count
+(known to every rank), so it stays on the device otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ._files import HoReNFileError, atomic_path
+from .backends.torch_ref import normalize_queries
+from .codebook import Codebook
+from .retrieval import RetrievalResult, _check_tensors, check_params, compute_dtype, empty_result
+
+__all__ = ["ShardedCodebook"]
+
+KIND = "horen_fast.ShardedCodebook"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_checksum(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+class ShardedCodebook:
+    """``ShardedCodebook(key_dim, value_dim, group=None, **codebook_options)``: this rank's slice
+    is ``.local`` (a Codebook); ``len()`` is the total over ranks."""
+
+    def __init__(self, key_dim: int, value_dim: int, *, group=None, **options):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ShardedCodebook needs an initialized torch.distributed process group "
+                               "(dist.init_process_group('gloo' or 'nccl', ...))")
+        if options.get("prefilter") is not None:
+            raise ValueError("a ShardedCodebook retrieves exactly; prefilter is not supported here")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.local = Codebook(key_dim, value_dim, **options)
+        self.key_dim, self.value_dim = key_dim, value_dim
+        self.config = self.local.config
+        self._sizes = [0] * self.world   # entries per rank (the same list on every rank)
+        self._next_id = 0                # next global id (the same on every rank)
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    def __len__(self) -> int:
+        return sum(self._sizes)
+
+    @property
+    def sizes(self) -> list[int]:
+        return list(self._sizes)
+
+    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    # ---- mutation (collective) ----------------------------------------------------------------
+    def add(self, keys: torch.Tensor, values: torch.Tensor, labels=None) -> torch.Tensor:
+        """Add entries (every rank passes the same ones); each goes to the least-loaded rank.
+        Returns the new global ids (LongTensor [n], CPU)."""
+        if keys.dim() == 1:
+            keys, values = keys[None], values.reshape(1, -1)
+        n = keys.shape[0]
+        if values.dim() != 2 or values.shape[0] != n:
+            raise ValueError(f"values must be [{n}, {self.value_dim}] (one row per key), got "
+                             f"shape {tuple(values.shape)}")
+        if labels is not None:
+            labels = self.local._checked_labels(labels, n)
+        owner, sizes = [], list(self._sizes)
+        for _ in range(n):
+            r = min(range(self.world), key=lambda i: (sizes[i], i))
+            owner.append(r)
+            sizes[r] += 1
+        ids = torch.arange(self._next_id, self._next_id + n, dtype=torch.long)
+        mine = [j for j, r in enumerate(owner) if r == self.rank]
+        if mine:
+            sel = torch.tensor(mine, dtype=torch.long)
+            self.local.add(keys[sel.to(keys.device)], values[sel.to(values.device)],
+                           None if labels is None else [labels[j] for j in mine], ids=ids[sel])
+        self._sizes, self._next_id = sizes, self._next_id + n
+        return ids
+
+    def remove(self, ids) -> None:
+        """Remove entries by global id (every rank passes the same ids)."""
+        ids = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor)
+                                else ([ids] if isinstance(ids, int) else ids))]
+        if len(set(ids)) != len(ids):
+            raise ValueError("remove: the same id is given twice")
+        mine = [i for i in ids if i in self.local]
+        found = torch.zeros(self.world + 1, dtype=torch.long, device=self.device)
+        found[self.rank] = len(mine)
+        found[self.world] = len(mine)
+        self._all_reduce(found, dist.ReduceOp.SUM)
+        if int(found[self.world]) != len(ids):
+            raise KeyError(f"remove: {len(ids) - int(found[self.world])} of the ids are not in the "
+                           f"codebook (never added or already removed); nothing was removed")
+        if mine:
+            self.local.remove(mine)
+        self._sizes = [s - int(c) for s, c in zip(self._sizes, found[: self.world].tolist())]
+
+    # ---- retrieval (collective) -------------------------------------------------------------------
+    def retrieve(self, queries: torch.Tensor, **overrides) -> RetrievalResult:
+        """HoReN retrieval over every rank's keys; ``.index`` holds global ids (-1: no match).
+        Every rank passes the same queries and gets the same result."""
+        unknown = set(overrides) - set(self.config)
+        if unknown:
+            raise TypeError(f"unknown retrieve option(s) {sorted(unknown)}; known: {sorted(self.config)}")
+        opts = {**self.config, **overrides}
+        p = check_params(opts["beta"], opts["alpha"], opts["steps"], opts["threshold"], opts["eps"])
+        if queries.dim() == 1:
+            queries = queries[None]
+        queries = queries.to(self.device)
+        keys = self.local.keys
+        _check_tensors(queries, keys)
+        dtype = compute_dtype(queries, keys)
+        if len(self) == 0 or queries.shape[0] == 0:
+            return empty_result(queries.shape[0], self.device, dtype)
+        k = keys.to(dtype)
+        q, valid = normalize_queries(queries, dtype)
+        running = valid.clone()
+        b = q.shape[0]
+        for _ in range(p.steps):
+            s = p.beta * (q @ k.T)                                          # [B, n_rank]
+            m = s.max(dim=1).values if k.shape[0] else torch.full((b,), float("-inf"), dtype=dtype,
+                                                                     device=q.device)
+            m = self._all_reduce(m.contiguous(), dist.ReduceOp.MAX)
+            e = torch.exp(s - m[:, None])
+            stats = torch.cat([e @ k, e.sum(dim=1, keepdim=True)], dim=1)  # [B, d + 1]
+            stats = self._all_reduce(stats, dist.ReduceOp.SUM)
+            r = torch.nn.functional.normalize(stats[:, :-1] / stats[:, -1:], dim=1, eps=1e-30)
+            running = running & ((r - q).norm(dim=1) >= p.eps)
+            step = torch.nn.functional.normalize((1 - p.alpha) * q + p.alpha * r, dim=1, eps=1e-30)
+            q = torch.where(running[:, None], step, q)
+        c = q @ k.T
+        neg = torch.full((b,), float("-inf"), dtype=dtype, device=q.device)
+        best = c.max(dim=1).values if k.shape[0] else neg
+        best = self._all_reduce(best.contiguous(), dist.ReduceOp.MAX)
+        big = torch.iinfo(torch.long).max
+        ids = self.local.slot_ids
+        if k.shape[0]:
+            hit = c == best[:, None]
+            winner = torch.where(hit, ids[None, :], torch.full_like(hit, big, dtype=torch.long)).min(dim=1).values
+        else:
+            winner = torch.full((b,), big, dtype=torch.long, device=q.device)
+        winner = self._all_reduce(winner.contiguous(), dist.ReduceOp.MIN)
+        matched = valid & (best > p.threshold)
+        return RetrievalResult(index=torch.where(matched, winner, torch.full_like(winner, -1)),
+                               score=torch.where(matched, best, torch.full_like(best, float("nan"))),
+                               matched=matched)
+
+    def value_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Values for retrieval results (global ids, -1: zeros), gathered from their ranks."""
+        index = index.to(self.device)
+        known = torch.zeros_like(index)
+        if self.local._slot_of_id.shape[0]:
+            table = self.local._slot_of_id
+            inside = (index >= 0) & (index < table.shape[0])
+            known = torch.where(inside, index, torch.full_like(index, -1))
+            known = torch.where(inside & (table[known.clamp(min=0)] >= 0), index, torch.full_like(index, -1))
+        else:
+            known = torch.full_like(index, -1)
+        rows = self.local.value_rows(known) if len(self.local) else torch.zeros(
+            index.shape[0], self.value_dim, dtype=self.local.dtype, device=self.device)
+        return self._all_reduce(rows.contiguous(), dist.ReduceOp.SUM)
+
+    # ---- files (collective) -----------------------------------------------------------------------
+    def save(self, directory) -> None:
+        """Each rank writes its shard; rank 0 writes the manifest last (atomically), so a
+        directory with a manifest always names complete shard files."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        shard = directory / _shard_name(self.rank, self.world)
+        self.local.save(shard)
+        digest = torch.tensor(list(bytes.fromhex(_file_sha256(shard))), dtype=torch.long,
+                              device=self.device)
+        table = torch.zeros(self.world, 32, dtype=torch.long, device=self.device)
+        table[self.rank] = digest
+        self._all_reduce(table, dist.ReduceOp.SUM)
+        if self.rank == 0:
+            manifest = {
+                "kind": KIND, "format_version": FORMAT_VERSION, "world_size": self.world,
+                "key_dim": self.key_dim, "value_dim": self.value_dim, "next_id": self._next_id,
+                "config": self.config,
+                "shards": [{"rank": r, "file": _shard_name(r, self.world), "count": self._sizes[r],
+                            "sha256": bytes(table[r].tolist()).hex()} for r in range(self.world)],
+            }
+            manifest["checksum"] = _json_checksum(manifest)
+            with atomic_path(directory / MANIFEST) as tmp:
+                with open(tmp, "w") as f:
+                    json.dump(manifest, f, indent=1, sort_keys=True)
+        dist.barrier(group=self.group)
+
+    @classmethod
+    def load(cls, directory, *, group=None, device=None) -> "ShardedCodebook":
+        """Load this rank's shard; raises HoReNFileError on every rank if any rank's shard (or
+        the manifest) is missing, corrupted, or saved with another number of ranks."""
+        directory = Path(directory)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        error, out = None, None
+        try:
+            manifest = cls._read_manifest(directory / MANIFEST, world)
+            entry = manifest["shards"][rank]
+            path = directory / entry["file"]
+            if not path.is_file():
+                raise HoReNFileError(path, f"rank {rank}'s shard file is missing")
+            if _file_sha256(path) != entry["sha256"]:
+                raise HoReNFileError(path, f"rank {rank}'s shard file is corrupted (its sha256 "
+                                           f"differs from the manifest's)")
+            local = Codebook.load(path, device=device)
+            if len(local) != entry["count"]:
+                raise HoReNFileError(path, f"rank {rank}'s shard holds {len(local)} entries, the "
+                                           f"manifest says {entry['count']}")
+            out = cls.__new__(cls)
+            out.group, out.rank, out.world, out.local = group, rank, world, local
+            out.key_dim, out.value_dim, out.config = local.key_dim, local.value_dim, local.config
+            out._sizes = [int(s["count"]) for s in manifest["shards"]]
+            out._next_id = int(manifest["next_id"])
+            local._next_id = max(local._next_id, out._next_id)
+        except HoReNFileError as exc:
+            error = exc
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        failed = torch.zeros(world, dtype=torch.long, device=dev)
+        failed[rank] = int(error is not None)
+        dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=group)
+        if error is not None:
+            raise error
+        bad = [r for r, f in enumerate(failed.tolist()) if f]
+        if bad:
+            raise HoReNFileError(directory, f"the shard(s) of rank(s) {bad} could not be loaded "
+                                            f"(see the error on those ranks)")
+        return out
+
+    @staticmethod
+    def _read_manifest(path: Path, world: int) -> dict:
+        if not path.is_file():
+            raise HoReNFileError(path, "no manifest (not a ShardedCodebook directory, or its save "
+                                       "did not finish)")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HoReNFileError(path, f"manifest is not valid JSON ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+            raise HoReNFileError(path, f"not a {KIND} manifest")
+        stored = manifest.pop("checksum", None)
+        if stored != _json_checksum(manifest):
+            raise HoReNFileError(path, "manifest checksum mismatch: the manifest is corrupted")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise HoReNFileError(path, f"format version {manifest.get('format_version')!r} is not supported")
+        if manifest.get("world_size") != world:
+            raise HoReNFileError(path, f"saved with {manifest.get('world_size')} ranks, loading with "
+                                       f"{world}; load with the same number of ranks")
+        return manifest
+
+    def __repr__(self) -> str:
+        return (f"ShardedCodebook(entries={len(self)}, rank={self.rank}/{self.world}, "
+                f"local={len(self.local)}, key_dim={self.key_dim}, value_dim={self.value_dim})")
