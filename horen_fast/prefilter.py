@@ -197,6 +197,7 @@ class FaissPrefilter:
         trained_at, old = self._trained_at, self._index
         self._reset()
         if self.kind == "ivf" and self._due_training(n, trained_at):
+            del old  # free the previous index before training the next one
             self._index = self._train_ivf(host)
         elif trained_at > 0:
             old.reset()  # keeps the trained quantizer, drops every vector
