@@ -9,6 +9,7 @@ import sys
 _COMMAND_MODULES = [
     # module path, relative to horen_fast (each defines register_cli(subparsers))
     "evaluate",
+    "calibrate",
 ]
 
 

@@ -1,0 +1,344 @@
+"""Choosing the match threshold tau (and the recommended settings of known models).
+
+Whether an edit fires on a prompt depends only on retrieval: the prompt's query (the wrapped
+layer's input, SPEC 2) against the codebook keys (the queries of the edit prompts, SPEC 5). Both
+are properties of the unedited model up to the wrapped layer, since the adapter only changes what
+comes after it. So tau can be chosen without training a single value:
+
+1. one forward pass (stopped at the wrapped layer) gives the queries of the edit prompts, of their
+   paraphrases and of unrelated prompts;
+2. the codebook that sequential editing would build is replayed (reuse / replace / add, SPEC 5.3);
+3. for every candidate tau, the Hopfield final scores (SPEC 3) tell which prompts match which entry:
+   an edit prompt or a paraphrase is served when it matches an entry made for its target, an
+   unrelated prompt is left alone when it matches nothing;
+4. tau maximizes the geometric mean of the three rates (a retrieval-only OP), and is taken in the
+   middle of the widest run of thresholds that reach the maximum (the largest margin).
+
+``calibrate`` returns that tau; ``retrieval_table`` gives the rates for every candidate, for
+analysis and for ``bench/sweep_defaults.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import EditRecord
+from .retrieval import final_scores
+
+__all__ = ["DEFAULTS", "recommended_config", "prompt_queries", "edit_label", "replay_codebook",
+           "RetrievalTable", "retrieval_table", "choose_threshold", "calibrate", "register_cli"]
+
+SAME_KEY_COS = 1 - 1e-6   # SPEC 5.3: the same prompt edited again
+
+# Recommended settings of the models horen-fast knows, chosen on the ZsRE dev records
+# (bench/sweep_defaults.py, table in bench/RESULTS.md). Keys are HoReNConfig fields.
+DEFAULTS: dict[str, dict] = {
+    "smollm2": {"layer": 15, "hopfield_key_match_threshold": 0.85, "hopfield_retrieval_beta": 20.0},
+}
+DEFAULT_TAUS = tuple(round(0.50 + 0.0025 * i, 4) for i in range(199))   # 0.50 .. 0.995
+
+
+def recommended_config(model_name: str = "smollm2", model=None):
+    """The HoReNConfig to start from: the recommended settings of a known model name (see
+    DEFAULTS), else the paper's settings at ``models.default_layer(model)``."""
+    from .config import HoReNConfig
+    key = str(model_name).lower()
+    if key in ("smollm2-135m", "smollm2-135m-instruct"):
+        key = "smollm2"
+    if key in DEFAULTS:
+        return HoReNConfig(**DEFAULTS[key])
+    if model is None:
+        raise ValueError(f"no recommended settings for {model_name!r}; pass the model so that the "
+                         f"default layer can be derived, or build a HoReNConfig yourself")
+    from .models import default_layer
+    return HoReNConfig(layer=default_layer(model))
+
+
+# --------------------------------------------------------------------------- queries
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_module(model, layer, editor=None):
+    """The linear module whose input is the query at ``layer`` (the wrapped base layer when an
+    editor's adapter sits there)."""
+    from .editor import resolve_layer
+    if editor is not None:
+        same = layer == editor.config.layer or layer == editor.layer_path
+        if same:
+            return editor.adapter.base
+    return resolve_layer(model, layer)[1]
+
+
+@torch.no_grad()
+def prompt_queries(model, tokenizer, prompts: Sequence[str], layers: Sequence, strategy: str, *,
+                   batch_size: int = 32) -> dict:
+    """The (unnormalized) queries of ``prompts`` at each wrapped layer in ``layers`` (indices or
+    module paths): {layer: FloatTensor [len(prompts), d_key]}. ``model`` is a causal LM or a
+    HoReNEditor (its edits are not applied here; queries do not depend on them). Each forward pass
+    stops after the deepest requested layer."""
+    from .adapter import build_queries
+    editor = model if hasattr(model, "adapter") and hasattr(model, "codebook") else None
+    model = editor.model if editor is not None else model
+    modules = [_layer_module(model, layer, editor) for layer in layers]
+    if len(set(map(id, modules))) != len(modules):
+        raise ValueError(f"layers {list(layers)} name the same module twice")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    if any(not x for x in ids):
+        raise ValueError("a prompt tokenizes to nothing")
+    out = {layer: [None] * len(prompts) for layer in layers}
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(k):
+        def hook(module, args):
+            captured[k] = args[0].detach()
+            if len(captured) == len(modules):
+                raise _Stop
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(k)) for k, m in enumerate(modules)]
+    was_enabled = editor.adapter.enabled if editor is not None else None
+    if editor is not None:
+        editor.adapter.enabled = False
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(ids[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
+                mask[r, width - len(ids[i]):] = 1
+            captured.clear()
+            try:
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+                model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                      position_ids=positions.to(device), use_cache=False)
+            except _Stop:
+                pass
+            if len(captured) != len(modules):
+                raise RuntimeError("the forward pass did not reach every requested layer")
+            for k, layer in enumerate(layers):
+                q, _ = build_queries(captured[k], mask.to(device) != 0, strategy)
+                for r, i in enumerate(rows):
+                    out[layer][i] = q[r].float().cpu()
+    finally:
+        for h in handles:
+            h.remove()
+        if editor is not None:
+            editor.adapter.enabled = was_enabled
+    return {layer: torch.stack(v) for layer, v in out.items()}
+
+
+def edit_label(tokenizer, prompt: str, target: str) -> tuple[int, ...]:
+    """The target token ids an edit stores as its label (as HoReNEditor tokenizes an edit:
+    the tail of ``prompt + " " + target`` after the prompt's tokens)."""
+    p_ids = list(tokenizer(prompt)["input_ids"])
+    full = list(tokenizer(prompt + " " + target)["input_ids"])
+    if len(full) > len(p_ids) and full[: len(p_ids)] == p_ids:
+        return tuple(full[len(p_ids):])
+    return tuple(tokenizer(" " + target, add_special_tokens=False)["input_ids"])
+
+
+# --------------------------------------------------------------------------- codebook replay
+
+def replay_codebook(edit_queries: torch.Tensor, labels: Sequence[tuple], *, threshold: float,
+                    beta: float = 20.0, alpha: float = 0.1, steps: int = 1, eps: float = 1e-5):
+    """The codebook sequential editing builds (SPEC 5.3) from the edit prompts' queries, in order:
+    returns (keys [N, d] unit norm, entry labels, entry_of_edit: the entry index each edit ended
+    in, or -1 where a later edit of the same prompt replaced it)."""
+    q = F.normalize(edit_queries.double(), dim=1)
+    labels = [tuple(x) for x in labels]
+    n = len(labels)
+    # an earlier edit with (nearly) this very key: the only way a "replace" can happen
+    same = torch.tril(q @ q.T > SAME_KEY_COS, diagonal=-1).any(dim=1).tolist()
+    src: list[int] = []              # entry -> the edit whose query is its key
+    alive: list[bool] = []
+    live_labels: dict[tuple, int] = {}
+    entry_of = [-1] * n
+    owner: list[list[int]] = []
+    for i, label in enumerate(labels):
+        # retrieval can only change the outcome when a live entry has this label (reuse) or this
+        # key (replace); otherwise the edit adds an entry whatever it retrieves
+        if src and (live_labels.get(label, 0) > 0 or same[i]):
+            live = [j for j, a in enumerate(alive) if a]
+            c = final_scores(q[i:i + 1], q[[src[j] for j in live]], beta=beta, alpha=alpha, steps=steps,
+                             eps=eps)[0]
+            best = int(torch.argmax(c))
+            if float(c[best]) > threshold:
+                j = live[best]
+                if labels[src[j]] == label:
+                    entry_of[i] = j
+                    owner[j].append(i)
+                    continue
+                if float(q[i] @ q[src[j]]) > SAME_KEY_COS:
+                    alive[j] = False
+                    live_labels[labels[src[j]]] -= 1
+                    for e in owner[j]:
+                        entry_of[e] = -1
+        entry_of[i] = len(src)
+        src.append(i)
+        alive.append(True)
+        owner.append([i])
+        live_labels[label] = live_labels.get(label, 0) + 1
+    live = [j for j, a in enumerate(alive) if a]
+    remap = {j: k for k, j in enumerate(live)}
+    entry_of = [remap.get(e, -1) if e >= 0 else -1 for e in entry_of]
+    return q[[src[j] for j in live]], [labels[src[j]] for j in live], entry_of
+
+
+# --------------------------------------------------------------------------- retrieval table
+
+@dataclass
+class RetrievalTable:
+    """Retrieval-only rates for each candidate threshold."""
+    taus: list[float]
+    rel: list[float]   # edit prompts matched to an entry with their target
+    gen: list[float]   # paraphrases matched to an entry with their target
+    loc: list[float]   # unrelated prompts matched to nothing
+    op: list[float]    # geometric mean of the three
+    entries: list[int]
+
+    def best(self) -> int:
+        return choose_threshold(self.taus, self.op)
+
+    def row(self, k: int) -> dict:
+        return {"tau": self.taus[k], "rel": self.rel[k], "gen": self.gen[k], "loc": self.loc[k],
+                "op": self.op[k], "entries": self.entries[k]}
+
+
+def _rates(scores: torch.Tensor, key_labels, wanted, tau: float) -> float:
+    best, idx = scores.max(dim=1)
+    ok = [(float(b) > tau) and key_labels[int(j)] == w for b, j, w in zip(best, idx, wanted)]
+    return sum(ok) / len(ok)
+
+
+def retrieval_table(edit_q: torch.Tensor, para_q: torch.Tensor | None, unrelated_q: torch.Tensor | None,
+                    labels: Sequence[tuple], taus: Sequence[float] = DEFAULT_TAUS, *, beta: float = 20.0,
+                    alpha: float = 0.1, steps: int = 1, eps: float = 1e-5, replay: bool = True) -> RetrievalTable:
+    """Rates of correct retrieval at each tau. With ``replay`` the codebook is replayed for every
+    tau (reuse decisions depend on it); without, it is replayed once at the median tau."""
+    labels = [tuple(x) for x in labels]
+    cache = {}
+    rows = {"rel": [], "gen": [], "loc": [], "op": [], "entries": []}
+    fixed = None if replay else replay_codebook(edit_q, labels, threshold=float(sorted(taus)[len(taus) // 2]),
+                                                beta=beta, alpha=alpha, steps=steps, eps=eps)
+    for tau in taus:
+        keys, key_labels, _ = fixed or replay_codebook(edit_q, labels, threshold=tau, beta=beta, alpha=alpha,
+                                                       steps=steps, eps=eps)
+        sig = (keys.shape[0], tuple(key_labels))
+        if sig not in cache:
+            kw = dict(beta=beta, alpha=alpha, steps=steps, eps=eps)
+            cache = {sig: {name: final_scores(qs.double(), keys, **kw) for name, qs in
+                           (("rel", edit_q), ("gen", para_q), ("loc", unrelated_q)) if qs is not None}}
+        s = cache[sig]
+        rel = _rates(s["rel"], key_labels, labels, tau)
+        gen = _rates(s["gen"], key_labels, labels, tau) if "gen" in s else 1.0
+        loc = float((s["loc"].max(dim=1).values <= tau).double().mean()) if "loc" in s else 1.0
+        for name, v in (("rel", rel), ("gen", gen), ("loc", loc), ("op", (rel * gen * loc) ** (1 / 3)),
+                        ("entries", keys.shape[0])):
+            rows[name].append(v)
+    return RetrievalTable(taus=[float(t) for t in taus], **rows)
+
+
+def choose_threshold(taus: Sequence[float], objective: Sequence[float], tol: float = 1e-9) -> int:
+    """Index of the tau in the middle of the widest run of consecutive candidates that reach the
+    maximum of ``objective``."""
+    best = max(objective)
+    runs, start = [], None
+    for k, v in enumerate(objective):
+        if v >= best - tol:
+            start = k if start is None else start
+        elif start is not None:
+            runs.append((start, k - 1))
+            start = None
+    if start is not None:
+        runs.append((start, len(objective) - 1))
+    lo, hi = max(runs, key=lambda r: (taus[r[1]] - taus[r[0]], -r[0]))
+    return (lo + hi) // 2
+
+
+def calibrate(editor_or_model, tokenizer, records: Sequence[EditRecord], *, config=None,
+              taus: Sequence[float] = DEFAULT_TAUS, batch_size: int = 32, details: bool = False):
+    """Choose the match threshold tau for a model from a few records with paraphrases (``rephrase``)
+    and unrelated prompts (``loc_prompt``); see the module docstring. ``editor_or_model``: a
+    HoReNEditor (its config gives the layer and retrieval settings) or a causal LM with ``config``
+    (a HoReNConfig; default ``recommended_config``). Nothing is edited. Returns tau, or
+    (tau, RetrievalTable) with ``details``."""
+    if config is None:
+        config = getattr(editor_or_model, "config", None)
+        from .config import HoReNConfig
+        if not isinstance(config, HoReNConfig):
+            config = recommended_config(getattr(getattr(editor_or_model, "config", None), "name_or_path", ""),
+                                        editor_or_model)
+    records = list(records)
+    if len(records) < 2:
+        raise ValueError("calibrate needs at least 2 records (more is better: 20 to 100)")
+    missing = [i for i, r in enumerate(records) if not r.rephrase or not r.loc_prompt]
+    if missing:
+        raise ValueError(f"calibrate needs a paraphrase (rephrase) and an unrelated prompt (loc) in every "
+                         f"record; record(s) {[i + 1 for i in missing[:5]]} lack one")
+    n = len(records)
+    prompts = [r.prompt for r in records] + [r.rephrase for r in records] + [r.loc_prompt for r in records]
+    q = prompt_queries(editor_or_model, tokenizer, prompts, [config.layer], config.query_selection_strategy,
+                       batch_size=batch_size)[config.layer]
+    labels = [edit_label(tokenizer, r.prompt, r.target) for r in records]
+    table = retrieval_table(q[:n], q[n:2 * n], q[2 * n:], labels, taus, beta=config.hopfield_retrieval_beta,
+                            alpha=config.hopfield_retrieval_alpha, steps=config.hopfield_retrieval_max_iter,
+                            eps=config.hopfield_retrieval_eps)
+    tau = table.taus[table.best()]
+    return (tau, table) if details else tau
+
+
+# --------------------------------------------------------------------------- command line
+
+def _cmd_calibrate(args) -> int:
+    from .data import RecordsError, read_records
+    from .evaluate import build_editor, _parse_layer
+    try:
+        records = read_records(args.data, args.n, require=("prompt", "target", "rephrase", "loc_prompt"))
+    except RecordsError as exc:
+        print(f"horen-fast calibrate: {exc}", file=sys.stderr)
+        return 2
+    editor, config = build_editor(args.model, layer=_parse_layer(args.layer), config_path=args.config,
+                                  progress=not args.no_progress)
+    tau, table = calibrate(editor, editor.tokenizer, records, config=config, batch_size=args.batch_size,
+                           details=True)
+    k = table.taus.index(tau)
+    summary = {**table.row(k), "n": len(records), "layer": config.layer,
+               "beta": config.hopfield_retrieval_beta, "previous_tau": config.hopfield_key_match_threshold}
+    if args.out:
+        from .evaluate import write_report
+        write_report({"summary": summary, "config": config.to_dict(),
+                      "table": [table.row(i) for i in range(len(table.taus))]}, args.out)
+    print(f"tau = {tau:.4f}: on these records retrieval serves {summary['rel']:.3f} of edit prompts and "
+          f"{summary['gen']:.3f} of paraphrases, and leaves {summary['loc']:.3f} of unrelated prompts alone. "
+          f"Use --threshold {tau:.4f} (or hopfield_key_match_threshold: {tau:.4f} in the YAML).",
+          file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="choose the match threshold tau for a model from a few records",
+                              description="Choose tau from records with paraphrases and unrelated prompts "
+                                          "(retrieval only, no training). The last line is JSON.")
+    p.add_argument("--data", required=True, help="records with src/rephrase/alt/loc (or EasyEdit names)")
+    p.add_argument("--n", type=int, default=None, help="use the first N records (default: all)")
+    p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a local Hugging Face folder")
+    p.add_argument("--layer", default=None, help="layer index or module path of the wrapped projection")
+    p.add_argument("--config", default=None, help="HoReN YAML config (published keys)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default=None, help="write the full table (JSON) here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_calibrate)
