@@ -1,6 +1,10 @@
 import os
 import sys
 
+# numpy (the oracle, and the Triton interpreter's tl.dot) on one OpenBLAS thread: on a shared
+# 2-core machine its threads otherwise spin against torch's and slow the interpreter ~100x.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # Triton kernels run on the CPU through Triton's interpreter when no GPU is present. The variable
 # is read when kernels are defined, so it is set before anything imports them.
 if "TRITON_INTERPRET" not in os.environ:
