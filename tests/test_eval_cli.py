@@ -1,0 +1,130 @@
+"""Record readers, the eval command end to end on a tiny random Llama saved to a local folder, and the
+report's schema; batched generation through an editor that holds edits."""
+import json
+import math
+
+import pytest
+
+from horen_fast.cli import main
+from horen_fast.config import HoReNConfig
+from horen_fast.data import EditRecord, RecordsError, read_records
+from horen_fast.editor import HoReNEditor
+from horen_fast.evaluate import generate_tokens, run_sequential
+from tiny_lm import RECORDS, byte_bpe_tokenizer, save_tiny_model, tiny_llama, write_records
+
+
+# --------------------------------------------------------------------------- records
+
+def test_reads_zsre_jsonl_and_json_array(tmp_path):
+    a = read_records(write_records(tmp_path / "a.jsonl"))
+    b = read_records(write_records(tmp_path / "b.json", jsonl=False), n=2)
+    assert len(a) == len(RECORDS) and a[:2] == b
+    assert a[0] == EditRecord(RECORDS[0]["src"], RECORDS[0]["alt"], RECORDS[0]["rephrase"], RECORDS[0]["loc"],
+                              RECORDS[0]["loc_ans"])
+
+
+def test_reads_easyedit_names_flat_and_nested(tmp_path):
+    flat = {"prompt": "p", "target_new": "t", "rephrase_prompt": "r", "locality_prompt": "l",
+            "locality_ground_truth": "a"}
+    nested = {"prompt": "p", "target_new": {"str": "t"}, "rephrase_prompt": ["r", "r2"],
+              "locality": {"neighborhood": {"prompt": "l", "ground_truth": ["a"]}}}
+    recs = read_records(write_records(tmp_path / "e.json", [flat, nested], jsonl=False))
+    assert recs[0] == recs[1] == EditRecord("p", "t", "r", "l", "a")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty"),
+    ('{"src": "a"}\nnot json\n', "line 2 is not valid JSON"),
+    ('[{"src": "a", ', "invalid JSON array"),
+    ('{"a": 1}', "record 1: missing"),
+    ('{"src": "a", "alt": "b", "rephrase": "c", "loc": "d"}', "record 1: missing .*loc_answer"),
+    ('[{"src": "q", "alt": 3}]', "must be a string"),
+    ('[1]', "expected a JSON object"),
+])
+def test_bad_files_give_clear_errors(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(RecordsError, match=message):
+        read_records(path)
+
+
+def test_missing_file_and_too_many(tmp_path):
+    with pytest.raises(RecordsError, match="no such file"):
+        read_records(tmp_path / "nope.json")
+    with pytest.raises(RecordsError, match="asked for 9 records but the file has 4"):
+        read_records(write_records(tmp_path / "a.jsonl"), n=9)
+    assert read_records(write_records(tmp_path / "b.jsonl"), n=1, require=("prompt", "target"))[0].prompt
+
+
+# --------------------------------------------------------------------------- editor + batched generation
+
+def test_batched_generation_through_an_editor_with_edits():
+    """Rows of different prompt lengths in one left-padded batch get the same tokens as one-row
+    editor.generate (the edit lands at each row's own last prompt token)."""
+    tok = byte_bpe_tokenizer()
+    model = tiny_llama(len(tok), seed=7, eos_token_id=tok.eos_token_id)
+    ed = HoReNEditor(model, tok, HoReNConfig(layer=1, n_iter=20, hopfield_key_match_threshold=0.5))
+    for r in RECORDS[:2]:
+        ed.edit(r["src"], r["alt"])
+    prompts = [RECORDS[0]["src"], "Where", RECORDS[1]["src"], RECORDS[1]["rephrase"]]
+    batched = generate_tokens(ed, tok, prompts, [4, 3, 5, 2], batch_size=4)
+    for p, n, (_, gen) in zip(prompts, [4, 3, 5, 2], batched):
+        enc = tok(p, return_tensors="pt")
+        one = ed.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert gen == one[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_run_sequential_refuses_an_editor_with_edits():
+    tok = byte_bpe_tokenizer()
+    ed = HoReNEditor(tiny_llama(len(tok)), tok, HoReNConfig(layer=1, n_iter=1))
+    ed.edit("a question?", "answer")
+    with pytest.raises(ValueError, match="already holds 1 edits"):
+        run_sequential(ed, [EditRecord("q", "t", "r", "l", "a")])
+
+
+# --------------------------------------------------------------------------- eval command
+
+def test_eval_command_end_to_end(tmp_path, capsys):
+    folder = save_tiny_model(tmp_path / "tiny")
+    data = write_records(tmp_path / "recs.jsonl")
+    cfg = tmp_path / "cfg.yaml"
+    HoReNConfig(layer=1, n_iter=3, hopfield_key_match_threshold=0.9).to_yaml(cfg)
+    out, plot = tmp_path / "report.json", tmp_path / "metrics.png"
+    rc = main(["eval", "--data", str(data), "--n", "3", "--model", str(folder), "--config", str(cfg),
+               "--checkpoints", "1,2,10", "--out", str(out), "--plot", str(plot), "--batch-size", "2",
+               "--no-progress"])
+    assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("n", "rel", "gen", "loc", "op"):
+        assert key in last
+    assert last["n"] == 3
+
+    report = json.loads(out.read_text())
+    assert {k: report[k] for k in ("n", "rel", "gen", "loc", "op")} == {k: last[k] for k in ("n", "rel", "gen", "loc", "op")}
+    assert [c["n"] for c in report["checkpoints"]] == [1, 2, 3]      # 10 > n is dropped, n always kept
+    for c in report["checkpoints"]:
+        for key in ("rel", "gen", "loc", "op"):
+            assert 0.0 <= c[key] <= 1.0
+        assert c["op"] == pytest.approx((c["rel"] * c["gen"] * c["loc"]) ** (1 / 3))
+        assert c["entries"] <= c["n"] and c["eval_seconds"] >= 0
+    assert len(report["records"]) == 3
+    for rec, src in zip(report["records"], RECORDS):
+        assert rec["prompt"] == src["src"] and rec["target"] == src["alt"]
+        for key in ("rel", "gen", "loc", "rel_answer", "gen_answer", "edit_seconds", "edit_action", "edit_loss"):
+            assert key in rec
+    mean_rel = sum(r["rel"] for r in report["records"]) / 3
+    assert math.isclose(mean_rel, report["rel"])
+    assert report["config"]["layer"] == 1 and report["config"]["n_iter"] == 3
+    for key in ("torch", "transformers", "python", "horen_fast"):
+        assert report["versions"][key]
+    for key in ("edit_seconds", "eval_seconds", "seconds_per_edit", "model_load_seconds"):
+        assert report["timings"][key] >= 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_command_reports_bad_data(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"src": "a question", "alt": "x"}\n')
+    assert main(["eval", "--data", str(bad), "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "record 1" in err and "rephrase" in err
