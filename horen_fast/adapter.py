@@ -88,7 +88,7 @@ class HoReNAdapter(nn.Module):
         self._pass = None                 # None (no info) | ("first", mask or None) | ("decode",)
         self._pinned = None               # bool [B, T0] prompt mask fixed by the editor
         self._capture = None              # callable(x, y) during an edit's first pass
-        self._edit = None                 # (position, entry tensor) while an edit trains
+        self._edit = None                 # (positions [B], entries [B, E]) while edits train
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, entries={len(self.codebook)}, strategy={self.strategy!r}"
@@ -154,11 +154,11 @@ class HoReNAdapter(nn.Module):
         if self._capture is not None:
             self._capture(x, y)
             return y
-        if self._edit is not None:
+        if self._edit is not None:  # row b of the batch trains entry b, applied at pos[b]
             pos, entry = self._edit
-            y_p = y[:, pos]
-            new = y_p + self.delta(entry[None], y_p).to(y.dtype)
-            return torch.cat([y[:, :pos], new[:, None], y[:, pos + 1:]], dim=1)
+            rows = torch.arange(y.shape[0], device=y.device)
+            y_p = y[rows, pos]
+            return y.index_put((rows, pos), y_p + self.delta(entry, y_p).to(y.dtype))
         if not self.enabled or len(self.codebook) == 0 or x.dim() != 3:
             return y
         B, T = x.shape[:2]

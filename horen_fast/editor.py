@@ -284,7 +284,7 @@ class HoReNEditor:
     # ---- editing ----------------------------------------------------------------------------
     @contextmanager
     def _editing(self):
-        """Eval mode and frozen parameters for the duration of an edit (restored after)."""
+        """Eval mode and frozen parameters for the duration of edits (restored after)."""
         was_training = self.model.training
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         self.model.eval()
@@ -315,93 +315,55 @@ class HoReNEditor:
             init = torch.rand(cb.value_dim, generator=g)
         return init.to(self.device, cb.dtype)
 
-    def edit(self, prompt: str, target: str) -> EditResult:
-        """Make one edit (SPEC 5); returns its EditResult."""
-        self._check()
+    def _prepare(self, prompt: str, target: str) -> "_Job":
+        """Tokenize and run the one no-grad pass over [0, T-1) of an edit (module docstring, 2)."""
         t0 = time.perf_counter()
         p_ids, t_ids = self._encode(prompt, target)
         P, S = len(p_ids), len(t_ids)
         T, p = P + S, P - 1
         ids = torch.tensor([p_ids + t_ids], dtype=torch.long, device=self.device)
-        cfg, cb, ad = self.config, self.codebook, self.adapter
-        with self._editing():
-            # ---- one pass over [0, T-1): query, y[p], block-L input, prefix KV cache
-            cap = {}
+        ad, cap = self.adapter, {}
 
-            def capture(x, y):
-                cap["x"] = x[:, :P].detach()
-                cap["y_p"] = y[0, p].detach()
-            ad._capture = capture
-            hook = None
-            if self._blocks is not None and self._block_index > 0:
-                def block_input(module, args, kwargs):
-                    h = args[0] if args else kwargs.get("hidden_states")
-                    if isinstance(h, torch.Tensor):
-                        cap["h"] = h.detach()
-                hook = self._blocks[self._block_index].register_forward_pre_hook(block_input, with_kwargs=True)
-            kw = {self._cache_kw: None, "use_cache": True}
-            if self._logits_to_keep:
-                kw["logits_to_keep"] = S if cfg.adapter_mode == "none" else 1
-            try:
-                with torch.no_grad():
-                    out = self.model(input_ids=ids[:, : T - 1], **kw)
-            finally:
-                ad._capture = None
-                if hook is not None:
-                    hook.remove()
-            cache = getattr(out, self._cache_kw, None)
-            if cache is None:
-                cache = getattr(out, "past_key_values", None)
-            prefix = self._prefix_cache(cache, p, T - 1)
-            start = p if prefix is not None else 0   # without a prefix cache: the whole sequence
+        def capture(x, y):
+            cap["x"] = x[:, :P].detach()
+            cap["y_p"] = y[0, p].detach()
 
-            # ---- retrieval: reuse, replace or add (SPEC 5.2-5.3)
-            q, _ = build_queries(cap["x"], torch.ones(1, P, dtype=torch.bool, device=self.device),
-                                 cfg.query_selection_strategy)
-            label = tuple(t_ids)
-            action, entry_id, replaced = "added", None, None
-            if len(cb):
-                res = cb.retrieve(q)
-                if bool(res.matched[0]):
-                    j = int(res.index[0])
-                    if cb.get_labels(j)[0] == label:
-                        action, entry_id = "reused", j
-                    else:
-                        k = cb.get_keys(j)[0].to(torch.float64)
-                        if float(F.normalize(q[0].to(torch.float64), dim=0) @ k) > SAME_KEY_COS:
-                            action, replaced = "replaced", j
-            entry = (cb.get_values(entry_id)[0] if action == "reused"
-                     else self._initial_entry(p_ids + t_ids, cap["y_p"]))
+        hooks = []
+        if self._blocks is not None and self._block_index > 0:
+            def block_input(module, args, kwargs):
+                h = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(h, torch.Tensor):
+                    cap["h"] = h.detach()
 
-            # ---- optimize this entry only, over the suffix [p, T-1)
-            targets = ids[0, p + 1:]
-            if cfg.adapter_mode == "none":
-                loss = float(F.cross_entropy(out.logits[0, -S:].float(), targets))
-            else:
-                h = cap.get("h")
-                run = _SuffixRunner(self, ids[:, start: T - 1], p - start, S, prefix,
-                                    None if h is None else h[:, start:])
-                entry = entry.detach().clone().requires_grad_(True)
-                opt = torch.optim.Adam([entry], lr=cfg.lr)
-                with run:
-                    for _ in range(cfg.n_iter):
-                        loss_t = F.cross_entropy(run.logits(entry), targets)
-                        (grad,) = torch.autograd.grad(loss_t, (entry,))
-                        entry.grad = grad
-                        opt.step()
-                    with torch.no_grad():
-                        loss = float(F.cross_entropy(run.logits(entry), targets))
-                entry = entry.detach()
-
-        # ---- store
-        if action == "reused":
-            cb.update(entry_id, value=entry)
-        else:
-            if replaced is not None:
-                cb.remove(replaced)
-            entry_id = int(cb.add(q, entry[None], [label])[0])
-        return EditResult(id=entry_id, loss=loss, action=action, replaced_id=replaced,
-                          seconds=time.perf_counter() - t0)
+            def block_output(module, args, output):
+                cap["plain"] = isinstance(output, torch.Tensor)
+            hooks = [self._blocks[self._block_index].register_forward_pre_hook(block_input, with_kwargs=True),
+                     self._blocks[self._block_index - 1].register_forward_hook(block_output)]
+        kw = {self._cache_kw: None, "use_cache": True}
+        if self._logits_to_keep:
+            kw["logits_to_keep"] = S if self.config.adapter_mode == "none" else 1
+        ad._capture = capture
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=ids[:, : T - 1], **kw)
+        finally:
+            ad._capture = None
+            for h in hooks:
+                h.remove()
+        cache = getattr(out, self._cache_kw, None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        prefix = self._prefix_cache(cache, p, T - 1)
+        start = p if prefix is not None else 0   # without a prefix cache: the whole sequence
+        h = cap.get("h") if cap.get("plain") else None
+        q, _ = build_queries(cap["x"], torch.ones(1, P, dtype=torch.bool, device=self.device),
+                             self.config.query_selection_strategy)
+        base_loss = None
+        if self.config.adapter_mode == "none":
+            base_loss = float(F.cross_entropy(out.logits[0, -S:].float(), ids[0, P:]))
+        return _Job(ids=ids[0], P=P, start=start, prefix=prefix,
+                    h=None if h is None else h[0, start:], q=q, label=tuple(t_ids), y_p=cap["y_p"],
+                    base_loss=base_loss, seconds=time.perf_counter() - t0)
 
     def _prefix_cache(self, cache, p: int, length: int):
         """The KV cache of [0, p) as a list of (key, value) per layer, or None when the cache
@@ -416,14 +378,104 @@ class HoReNEditor:
             out.append((k[..., :p, :], v[..., :p, :]))
         return out
 
-    def edit_many(self, records: Iterable, progress: bool = True) -> list[EditResult]:
-        """Edit records one after another (sequential editing). A record is a dict with "prompt" and
-        "target" (or EasyEdit's "target_new"), or a (prompt, target) pair."""
+    def _decide(self, job: "_Job", pending: set[int]) -> bool:
+        """Reuse, replace or add (SPEC 5.2-5.3) against the codebook as it stands. Returns False
+        (deciding nothing) when the matched entry is still being trained in ``pending``."""
+        cb = self.codebook
+        job.action, job.entry_id, job.replaced = "added", None, None
+        if len(cb):
+            res = cb.retrieve(job.q)
+            if bool(res.matched[0]):
+                j = int(res.index[0])
+                if cb.get_labels(j)[0] == job.label:
+                    job.action, job.entry_id = "reused", j
+                else:
+                    k = cb.get_keys(j)[0].to(torch.float64)
+                    if float(F.normalize(job.q[0].to(torch.float64), dim=0) @ k) > SAME_KEY_COS:
+                        job.action, job.replaced = "replaced", j
+                if j in pending:
+                    return False
+        if job.action == "reused":
+            job.entry = cb.get_values(job.entry_id)[0]
+        else:
+            job.entry = self._initial_entry(job.ids.tolist(), job.y_p)
+            if job.replaced is not None:
+                cb.remove(job.replaced)
+            # stored now (key and label decide later edits); its value is written after training
+            job.entry_id = int(cb.add(job.q, job.entry[None], [job.label])[0])
+        return True
+
+    def _train(self, jobs: list["_Job"]) -> None:
+        """Optimize the entries of ``jobs`` (one row each, all at once) and store them."""
+        t0 = time.perf_counter()
+        cfg, cb = self.config, self.codebook
+        if cfg.adapter_mode == "none":
+            losses = [job.base_loss for job in jobs]
+        else:
+            run = _Batch(self, jobs)
+            entry = torch.stack([job.entry for job in jobs]).detach().clone().requires_grad_(True)
+            opt = torch.optim.Adam([entry], lr=cfg.lr)
+            with run:
+                for _ in range(cfg.n_iter):
+                    (grad,) = torch.autograd.grad(run.losses(entry).sum(), (entry,))
+                    entry.grad = grad
+                    opt.step()
+                with torch.no_grad():
+                    losses = run.losses(entry).tolist()
+            entry = entry.detach()
+            for i, job in enumerate(jobs):
+                cb.update(job.entry_id, value=entry[i])
+        share = (time.perf_counter() - t0) / len(jobs)
+        for job, loss in zip(jobs, losses):
+            job.result = EditResult(id=job.entry_id, loss=float(loss), action=job.action,
+                                    replaced_id=job.replaced, seconds=job.seconds + share)
+
+    def edit(self, prompt: str, target: str) -> EditResult:
+        """Make one edit (SPEC 5); returns its EditResult."""
+        return self.edit_many([(prompt, target)], progress=False)[0]
+
+    def edit_many(self, records: Iterable, progress: bool = True, batch_size: int = 16) -> list[EditResult]:
+        """Sequential editing: the same result as ``edit`` on each record in turn.
+
+        A record is a dict with "prompt" and "target" (or EasyEdit's "target_new"), or a
+        (prompt, target) pair. Each edit's entry is decided (reuse / replace / add) in order, against
+        the codebook as the edits before it left it; then up to ``batch_size`` entries are optimized
+        together, one row each: an edit's optimization reads only its own entry (module
+        docstring, 4), and Adam is elementwise, so this equals training them one by one (up to
+        floating-point rounding) while reading the model's weights once per step for all of them.
+        An edit whose matched entry is still being trained waits until that batch is done."""
+        self._check()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         from tqdm.auto import tqdm
         total = len(records) if hasattr(records, "__len__") else None
-        results = []
-        for rec in tqdm(records, total=total, disable=not progress, desc="HoReN edits", unit="edit"):
-            results.append(self.edit(*_record(rec)))
+        results, pending = [], []
+        bar = tqdm(total=total, disable=not progress, desc="HoReN edits", unit="edit")
+
+        def flush():
+            if pending:
+                self._train(pending)
+                results.extend(job.result for job in pending)
+                bar.update(len(pending))
+                pending.clear()
+        try:
+            with self._editing():
+                for rec in records:
+                    job = self._prepare(*_record(rec))
+                    if not self._decide(job, {j.entry_id for j in pending}):
+                        flush()
+                        self._decide(job, set())
+                    pending.append(job)
+                    if len(pending) >= batch_size:
+                        flush()
+                flush()
+        except BaseException:
+            for job in pending:  # entries stored for edits that were not trained: take them back
+                if job.action != "reused" and job.entry_id in self.codebook:
+                    self.codebook.remove(job.entry_id)
+            raise
+        finally:
+            bar.close()
         return results
 
     def forget(self, entry_id: int) -> None:
@@ -499,27 +551,78 @@ class HoReNEditor:
         return cls(model, tokenizer, config, codebook=codebook)
 
 
-class _SuffixRunner:
-    """Runs the model over the suffix positions [p, T-1) of an edit with the entry applied at p.
+@dataclass(eq=False)
+class _Job:
+    """One edit between its first pass and its stored result."""
+    ids: torch.Tensor            # prompt + target token ids [T]
+    P: int                       # prompt length; p = P - 1
+    start: int                   # first position the training pass runs (p, or 0 without a prefix cache)
+    prefix: list | None          # per layer (key, value) of positions [0, start), [1, heads, start, d]
+    h: torch.Tensor | None       # input of block L at positions [start, T-1), [n, hidden]
+    q: torch.Tensor              # the query [1, d_key]
+    label: tuple                 # target token ids
+    y_p: torch.Tensor            # layer output at p (warm init)
+    base_loss: float | None      # target loss without any entry ("none" mode)
+    seconds: float
+    action: str = "added"
+    entry_id: int | None = None
+    replaced: int | None = None
+    entry: torch.Tensor | None = None
+    result: EditResult | None = None
 
-    Inside ``with runner:`` the decoder blocks before L return the captured input of block L;
-    ``logits(entry)`` then runs blocks L.. over the suffix on a fresh copy of the prefix KV cache
-    and returns the logits of the last ``n_logits`` positions in float32 (float64 for float64
-    models). Without a prefix cache the "suffix" is the whole sequence [0, T-1)."""
 
-    def __init__(self, editor: HoReNEditor, suffix: torch.Tensor, pos: int, n_logits: int, prefix,
-                 block_input):
-        self.editor, self.suffix, self.pos, self.n_logits = editor, suffix, pos, n_logits
-        self.prefix, self.block_input = prefix, block_input
+class _Batch:
+    """The training pass of a batch of edits: row b runs positions [start_b, T_b - 1) of edit b,
+    with edit b's entry added at its p_b, over its prefix KV cache [0, start_b) (left-padded to the
+    longest prefix, masked), from block L on (blocks before L replay the captured block input while
+    inside ``with``). ``losses(entries)`` returns each row's mean target cross-entropy [B]."""
+
+    def __init__(self, editor: HoReNEditor, jobs: list[_Job]):
+        self.editor = ed = editor
+        dev = ed.device
+        B = len(jobs)
+        self.pre = max((job.start for job in jobs), default=0)
+        lens = [len(job.ids) - 1 - job.start for job in jobs]
+        n = max(lens)
+        ids = torch.zeros(B, n, dtype=torch.long, device=dev)
+        targets = torch.full((B, n), -100, dtype=torch.long, device=dev)
+        mask = torch.zeros(B, self.pre + n, dtype=torch.long, device=dev)
+        pos = torch.empty(B, dtype=torch.long, device=dev)
+        for b, job in enumerate(jobs):
+            T, s = len(job.ids), job.start
+            ids[b, : lens[b]] = job.ids[s: T - 1]
+            targets[b, job.P - 1 - s: lens[b]] = job.ids[job.P: T]
+            mask[b, self.pre - s: self.pre + lens[b]] = 1
+            pos[b] = job.P - 1 - s
+        self.ids, self.targets, self.pos = ids, targets, pos
+        self.count = (targets != -100).sum(1)
+        self.position_ids = torch.tensor([job.start for job in jobs], device=dev)[:, None] + torch.arange(n, device=dev)
+        self.mask = mask
+        self.prefix = None
+        if self.pre:
+            self.prefix = []
+            ref = next(job.prefix for job in jobs if job.prefix is not None)
+            for layer, (k0, v0) in enumerate(ref):
+                ks, vs = [], []
+                for job in jobs:  # left-pad every prefix to the longest (padding is masked)
+                    k, v = job.prefix[layer] if job.prefix is not None else (k0[..., :0, :], v0[..., :0, :])
+                    ks.append(F.pad(k, (0, 0, self.pre - k.shape[-2], 0)))
+                    vs.append(F.pad(v, (0, 0, self.pre - v.shape[-2], 0)))
+                self.prefix.append((torch.cat(ks), torch.cat(vs)))
+        self.replay = None
+        if ed._blocks is not None and ed._block_index > 0 and all(job.h is not None for job in jobs):
+            h = jobs[0].h.new_zeros(B, n, jobs[0].h.shape[-1])
+            for b, job in enumerate(jobs):
+                h[b, : lens[b]] = job.h
+            self.replay = _Replay(h)
         self.replaced = []
 
     def __enter__(self):
         ed = self.editor
-        if self.block_input is not None and ed._blocks is not None and ed._block_index > 0:
-            replay = _Replay(self.block_input)
+        if self.replay is not None:
             for i in range(ed._block_index):
                 self.replaced.append((i, ed._blocks[i]))
-                ed._blocks[i] = replay
+                ed._blocks[i] = self.replay
         return self
 
     def __exit__(self, *exc):
@@ -528,22 +631,19 @@ class _SuffixRunner:
         self.replaced = []
         return False
 
-    def _cache(self):
-        if self.prefix is None:
-            return None
-        from transformers import DynamicCache
-        return DynamicCache(ddp_cache_data=self.prefix, config=self.editor.model.config)
-
-    def logits(self, entry: torch.Tensor) -> torch.Tensor:
+    def losses(self, entries: torch.Tensor) -> torch.Tensor:
         ed = self.editor
-        ed.adapter._edit = (self.pos, entry)
-        kw = {ed._cache_kw: self._cache()}
-        kw["use_cache"] = kw[ed._cache_kw] is not None
-        if ed._logits_to_keep:
-            kw["logits_to_keep"] = self.n_logits
+        cache = None
+        if self.prefix is not None:
+            from transformers import DynamicCache
+            cache = DynamicCache(ddp_cache_data=self.prefix, config=ed.model.config)
+        ed.adapter._edit = (self.pos, entries)
         try:
-            out = ed.model(input_ids=self.suffix, **kw)
+            out = ed.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
+                           **{ed._cache_kw: cache}, use_cache=cache is not None)
         finally:
             ed.adapter._edit = None
-        logits = out.logits[0, -self.n_logits:]
-        return logits.double() if logits.dtype == torch.float64 else logits.float()
+        logits = out.logits
+        logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+        ce = F.cross_entropy(logits.transpose(1, 2), self.targets, ignore_index=-100, reduction="none")
+        return ce.sum(1) / self.count

@@ -136,3 +136,33 @@ def test_edit_leaves_model_state_alone():
         assert torch.equal(after.get(k, after.get(k2)), v), k
     blocks = model.transformer.h
     assert all(type(b).__name__ == "GPT2Block" for b in blocks)
+
+
+RECORDS = [
+    ("the capital of France is", "Rome"),
+    ("who plays the piano in the famous album", "Mozart Bach"),
+    ("the official language of Spain is", "Japanese"),
+    ("the capital of France is", "Rome"),                     # the same edit again: reused
+    ("the author of the song is", "Tesla"),
+    ("the official language of Spain is", "German"),          # same prompt, new target: replaced
+    ("Einstein was born in", "Cairo"),
+]
+
+
+@pytest.mark.parametrize("arch,mode", [("llama", "value"), ("gpt2", "lora")])
+def test_batched_edit_many_equals_one_by_one(arch, mode):
+    """edit_many trains up to batch_size entries together (padded rows); the result must be that
+    of editing one record at a time, including reuse and replacement decisions."""
+    tok = tm.tokenizer()
+    model = tm.model(arch, dtype=torch.float64, seed=4)
+    cfg = HoReNConfig(layer=2, n_iter=10, adapter_mode=mode, lora_edit_lr=0.05,
+                      hopfield_key_match_threshold=0.999)
+    one = HoReNEditor(copy.deepcopy(model), tok, cfg)
+    expected = [one.edit(p, t) for p, t in RECORDS]
+    batched = HoReNEditor(model, tok, cfg)
+    got = batched.edit_many([{"prompt": p, "target_new": t} for p, t in RECORDS], progress=False, batch_size=3)
+    assert [(r.id, r.action, r.replaced_id) for r in got] == [(r.id, r.action, r.replaced_id) for r in expected]
+    assert [r.action for r in got] == ["added", "added", "added", "reused", "added", "replaced", "added"]
+    assert one.codebook.ids == batched.codebook.ids
+    torch.testing.assert_close(batched.codebook.values, one.codebook.values, rtol=1e-8, atol=1e-10)
+    assert [r.loss for r in got] == pytest.approx([r.loss for r in expected], rel=1e-8)
