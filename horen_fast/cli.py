@@ -10,6 +10,7 @@ _COMMAND_MODULES = [
     # module path, relative to horen_fast (each defines register_cli(subparsers))
     "evaluate",
     "calibrate",
+    "demo",
 ]
 
 

@@ -67,6 +67,11 @@ _LAYOUTS = (
 )
 
 
+# model types whose logits are exactly lm_head(base_model(...).last_hidden_state)
+_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2",
+                         "smollm3"})
+
+
 @dataclass
 class EditResult:
     id: int                    # the codebook entry holding this edit
@@ -168,6 +173,17 @@ def _record(rec) -> tuple[str, str]:
     return prompt, target
 
 
+def _chunks(records: Iterable, size: int):
+    chunk = []
+    for rec in records:
+        chunk.append(rec)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 class HoReNEditor:
     """HoReN on one layer of ``model`` (see the module docstring).
 
@@ -208,6 +224,16 @@ class HoReNEditor:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
+        # Where logits are a plain linear head on the base model's output, the edit loop computes
+        # them only at the target positions (base model + head), not at padding.
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        base_model = getattr(model, "base_model", model)
+        self._head = None
+        if (getattr(getattr(model, "config", None), "model_type", None) in _PLAIN_HEAD
+                and isinstance(head, nn.Linear) and base_model is not model):
+            self._head, self._base = head, base_model
+            bparams = inspect.signature(base_model.forward).parameters
+            self._base_cache_kw = "cache" if "cache" in bparams else "past_key_values"
         self._set_child(self.adapter)
         self._hooks = [
             model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
@@ -315,18 +341,25 @@ class HoReNEditor:
             init = torch.rand(cb.value_dim, generator=g)
         return init.to(self.device, cb.dtype)
 
-    def _prepare(self, prompt: str, target: str) -> "_Job":
-        """Tokenize and run the one no-grad pass over [0, T-1) of an edit (module docstring, 2)."""
+    def _prepare(self, records: list[tuple[str, str]]) -> list["_Job"]:
+        """Tokenize a chunk of edits and run their one no-grad pass over [0, T-1), all rows at once
+        (right padding; module docstring, 2)."""
         t0 = time.perf_counter()
-        p_ids, t_ids = self._encode(prompt, target)
-        P, S = len(p_ids), len(t_ids)
-        T, p = P + S, P - 1
-        ids = torch.tensor([p_ids + t_ids], dtype=torch.long, device=self.device)
+        enc = [self._encode(p, t) for p, t in records]
+        B = len(enc)
+        lengths = [len(a) + len(b) for a, b in enc]
+        n = max(lengths) - 1
+        ids = torch.zeros(B, n + 1, dtype=torch.long, device=self.device)
+        mask = torch.zeros(B, n, dtype=torch.long, device=self.device)
+        prompt = torch.zeros(B, n, dtype=torch.bool, device=self.device)
+        for b, (a, t) in enumerate(enc):
+            ids[b, : lengths[b]] = torch.tensor(a + t)
+            mask[b, : lengths[b] - 1] = 1
+            prompt[b, : len(a)] = True
         ad, cap = self.adapter, {}
 
         def capture(x, y):
-            cap["x"] = x[:, :P].detach()
-            cap["y_p"] = y[0, p].detach()
+            cap["x"], cap["y"] = x.detach(), y.detach()
 
         hooks = []
         if self._blocks is not None and self._block_index > 0:
@@ -339,13 +372,14 @@ class HoReNEditor:
                 cap["plain"] = isinstance(output, torch.Tensor)
             hooks = [self._blocks[self._block_index].register_forward_pre_hook(block_input, with_kwargs=True),
                      self._blocks[self._block_index - 1].register_forward_hook(block_output)]
+        none_mode = self.config.adapter_mode == "none"
         kw = {self._cache_kw: None, "use_cache": True}
         if self._logits_to_keep:
-            kw["logits_to_keep"] = S if self.config.adapter_mode == "none" else 1
+            kw["logits_to_keep"] = 0 if none_mode else 1
         ad._capture = capture
         try:
             with torch.no_grad():
-                out = self.model(input_ids=ids[:, : T - 1], **kw)
+                out = self.model(input_ids=ids[:, :n], attention_mask=mask, **kw)
         finally:
             ad._capture = None
             for h in hooks:
@@ -353,29 +387,37 @@ class HoReNEditor:
         cache = getattr(out, self._cache_kw, None)
         if cache is None:
             cache = getattr(out, "past_key_values", None)
-        prefix = self._prefix_cache(cache, p, T - 1)
-        start = p if prefix is not None else 0   # without a prefix cache: the whole sequence
+        layers = self._cache_layers(cache, n)
+        q, _ = build_queries(cap["x"], prompt, self.config.query_selection_strategy)
         h = cap.get("h") if cap.get("plain") else None
-        q, _ = build_queries(cap["x"], torch.ones(1, P, dtype=torch.bool, device=self.device),
-                             self.config.query_selection_strategy)
-        base_loss = None
-        if self.config.adapter_mode == "none":
-            base_loss = float(F.cross_entropy(out.logits[0, -S:].float(), ids[0, P:]))
-        return _Job(ids=ids[0], P=P, start=start, prefix=prefix,
-                    h=None if h is None else h[0, start:], q=q, label=tuple(t_ids), y_p=cap["y_p"],
-                    base_loss=base_loss, seconds=time.perf_counter() - t0)
+        share = (time.perf_counter() - t0) / B
+        jobs = []
+        for b, (a, t) in enumerate(enc):
+            P, T = len(a), lengths[b]
+            p = P - 1
+            start = p if layers is not None else 0   # without a prefix cache: the whole sequence
+            prefix = None if layers is None or p == 0 else [(k[b:b + 1, :, :p], v[b:b + 1, :, :p])
+                                                            for k, v in layers]
+            base_loss = None
+            if none_mode:
+                base_loss = float(F.cross_entropy(out.logits[b, p: T - 1].float(), ids[b, P:T]))
+            jobs.append(_Job(ids=ids[b, :T], P=P, start=start, prefix=prefix,
+                             h=None if h is None else h[b, start: T - 1], q=q[b: b + 1], label=tuple(t),
+                             y_p=cap["y"][b, p], base_loss=base_loss, seconds=share))
+        return jobs
 
-    def _prefix_cache(self, cache, p: int, length: int):
-        """The KV cache of [0, p) as a list of (key, value) per layer, or None when the cache
+    @staticmethod
+    def _cache_layers(cache, length: int):
+        """Per layer (key, value) [B, heads, length, d] of the first pass, or None when the cache
         cannot be cropped by position (e.g. sliding-window layers shorter than the sequence)."""
-        if cache is None or p == 0:
+        if cache is None:
             return None
         out = []
         for item in cache:
             k, v = item[0], item[1]
             if k is None or k.shape[-2] != length:
                 return None
-            out.append((k[..., :p, :], v[..., :p, :]))
+            out.append((k, v))
         return out
 
     def _decide(self, job: "_Job", pending: set[int]) -> bool:
@@ -460,14 +502,14 @@ class HoReNEditor:
                 pending.clear()
         try:
             with self._editing():
-                for rec in records:
-                    job = self._prepare(*_record(rec))
-                    if not self._decide(job, {j.entry_id for j in pending}):
-                        flush()
-                        self._decide(job, set())
-                    pending.append(job)
-                    if len(pending) >= batch_size:
-                        flush()
+                for chunk in _chunks(records, batch_size):
+                    for job in self._prepare([_record(rec) for rec in chunk]):
+                        if not self._decide(job, {j.entry_id for j in pending}):
+                            flush()
+                            self._decide(job, set())
+                        pending.append(job)
+                        if len(pending) >= batch_size:
+                            flush()
                 flush()
         except BaseException:
             for job in pending:  # entries stored for edits that were not trained: take them back
@@ -594,8 +636,11 @@ class _Batch:
             targets[b, job.P - 1 - s: lens[b]] = job.ids[job.P: T]
             mask[b, self.pre - s: self.pre + lens[b]] = 1
             pos[b] = job.P - 1 - s
-        self.ids, self.targets, self.pos = ids, targets, pos
-        self.count = (targets != -100).sum(1)
+        self.ids, self.pos = ids, pos
+        valid = targets != -100
+        self.valid, self.flat_targets = valid, targets[valid]
+        self.rows = valid.nonzero()[:, 0]
+        self.count = valid.sum(1)
         self.position_ids = torch.tensor([job.start for job in jobs], device=dev)[:, None] + torch.arange(n, device=dev)
         self.mask = mask
         self.prefix = None
@@ -637,13 +682,19 @@ class _Batch:
         if self.prefix is not None:
             from transformers import DynamicCache
             cache = DynamicCache(ddp_cache_data=self.prefix, config=ed.model.config)
+        kw = dict(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
+                  use_cache=cache is not None)
         ed.adapter._edit = (self.pos, entries)
         try:
-            out = ed.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
-                           **{ed._cache_kw: cache}, use_cache=cache is not None)
+            if ed._head is not None:
+                kw[ed._base_cache_kw] = cache
+                hidden = ed._base(**kw).last_hidden_state
+                logits = ed._head(hidden[self.valid])
+            else:
+                kw[ed._cache_kw] = cache
+                logits = ed.model(**kw).logits[self.valid]
         finally:
             ed.adapter._edit = None
-        logits = out.logits
         logits = logits.double() if logits.dtype == torch.float64 else logits.float()
-        ce = F.cross_entropy(logits.transpose(1, 2), self.targets, ignore_index=-100, reduction="none")
-        return ce.sum(1) / self.count
+        ce = F.cross_entropy(logits, self.flat_targets, reduction="none")
+        return ce.new_zeros(len(self.count)).index_add(0, self.rows, ce) / self.count

@@ -112,7 +112,7 @@ def test_fast_edit_without_prefix_cache_equals_loop(monkeypatch):
     ed0 = HoReNEditor(copy.deepcopy(model), tok, HoReNConfig(layer=1, n_iter=0))
     start = ed0.codebook.get_values(ed0.edit(PROMPT, TARGET).id)[0]
     ed = HoReNEditor(model, tok, HoReNConfig(layer=1, n_iter=8, edit_lr=0.5))
-    monkeypatch.setattr(ed, "_prefix_cache", lambda cache, p, length: None)
+    monkeypatch.setattr(ed, "_cache_layers", lambda cache, length: None)
     res = ed.edit(PROMPT, TARGET)
     p_ids, t_ids = ed._encode(PROMPT, TARGET)
     ref, _ = straightforward_edit(reference_model, ed.layer_path, torch.tensor([p_ids + t_ids]),

@@ -63,7 +63,7 @@ def test_batched_generation_through_an_editor_with_edits():
     editor.generate (the edit lands at each row's own last prompt token)."""
     tok = byte_bpe_tokenizer()
     model = tiny_llama(len(tok), seed=7, eos_token_id=tok.eos_token_id)
-    ed = HoReNEditor(model, tok, HoReNConfig(layer=1, n_iter=20, hopfield_key_match_threshold=0.5))
+    ed = HoReNEditor(model, tok, HoReNConfig(layer=1, n_iter=2, hopfield_key_match_threshold=0.5))
     for r in RECORDS[:2]:
         ed.edit(r["src"], r["alt"])
     prompts = [RECORDS[0]["src"], "Where", RECORDS[1]["src"], RECORDS[1]["rephrase"]]

@@ -47,17 +47,24 @@ def cpu_isa() -> str:
     return isa
 
 
+def kernel_keys(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The keys as the kernel reads them: the same memory whenever the rows have contiguous
+    columns (any row stride, any of the four supported dtypes); a copy only otherwise."""
+    k = keys.detach()
+    if k.dtype not in _KEY_TYPES:  # e.g. float8: widen once
+        k = k.to(dtype)
+    if k.shape[1] > 1 and k.stride(1) != 1:
+        k = k.contiguous()
+    return k
+
+
 def retrieve_cpp(queries: torch.Tensor, keys: torch.Tensor, params: RetrievalParams) -> RetrievalResult:
     if not is_available(queries.device):
         raise RuntimeError(f"the cpp backend needs CPU tensors and the built extension "
                            f"(tensors are on {queries.device}, extension built: {_C is not None})")
     dtype = compute_dtype(queries, keys)
     q = queries.detach().to(dtype).contiguous()
-    k = keys.detach()
-    if k.dtype not in _KEY_TYPES:  # e.g. float8: widen once
-        k = k.to(torch.float32 if dtype == torch.float32 else dtype)
-    if k.shape[1] > 1 and k.stride(1) != 1:
-        k = k.contiguous()
+    k = kernel_keys(keys, dtype)
     B, d = q.shape
     N = k.shape[0]
     index = torch.empty(B, dtype=torch.long)
