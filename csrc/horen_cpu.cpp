@@ -99,19 +99,47 @@ static inline float to_float(f16_t x) { return f16_to_float(x.bits); }
 // The inner loops of one instruction set, for compute type F and key type KT.
 template <class F, class KT>
 struct KernelSet {
-    // out[b * os + j] = Q[b] . K[j]   for j < nj, b < nb (rows of Q contiguous with stride qs)
+    // out[b * os + j] = Q[b] . K[j]   for j < nj, b < nb (rows of Q contiguous with stride qs),
+    // and nrm[j] = ||K[j]||^2 unless nrm is null
     void (*dot)(const KT* K, int64_t ks, int nj, const F* Q, int64_t qs, int nb, int64_t d, F* out,
-                int64_t os);
+                int64_t os, F* nrm);
     // acc[b] += sum_j Wt[b * ws + j] K[j]
+    // (and, on the way, prefetches the next tile of pfn keys at pf into the cache)
     void (*axpy)(const KT* K, int64_t ks, int nj, const F* Wt, int64_t ws, int nb, int64_t d, F* acc,
-                 int64_t as);
-    // out[j] = ||K[j]||^2
-    void (*sqnorm)(const KT* K, int64_t ks, int nj, int64_t d, F* out);
+                 int64_t as, const KT* pf, int pfn);
     // w[j] = exp(beta * s[j] - m)
     void (*weights)(const F* s, int n, F beta, F m, F* w);
     // x[i] *= c
     void (*scale)(F* x, int64_t n, F c);
+    // bfloat16 keys are widened two at a time: the 32-bit lane i of a block of P = paired_block
+    // key elements holds elements 2i and 2i+1, which become lane i of two vectors (a shift and a
+    // mask). The query and the weighted sum are then kept in the matching order: within each whole
+    // block of P elements, the P/2 even elements first, then the P/2 odd ones; the tail (d mod P)
+    // stays in natural order. 0 means natural order everywhere.
+    int paired_block;
 };
+
+// natural order -> paired order (see KernelSet::paired_block), and back
+template <class F> static void to_paired(const F* src, F* dst, int64_t d, int P) {
+    int64_t c = 0;
+    if (P > 0)
+        for (; c + P <= d; c += P)
+            for (int i = 0; i < P / 2; ++i) {
+                dst[c + i] = src[c + 2 * i];
+                dst[c + P / 2 + i] = src[c + 2 * i + 1];
+            }
+    for (; c < d; ++c) dst[c] = src[c];
+}
+template <class F> static void from_paired(const F* src, F* dst, int64_t d, int P) {
+    int64_t c = 0;
+    if (P > 0)
+        for (; c + P <= d; c += P)
+            for (int i = 0; i < P / 2; ++i) {
+                dst[c + 2 * i] = src[c + i];
+                dst[c + 2 * i + 1] = src[c + P / 2 + i];
+            }
+    for (; c < d; ++c) dst[c] = src[c];
+}
 
 }  // namespace horen
 
@@ -133,6 +161,10 @@ struct Ops {
     template <class KT> static HOREN_INLINE V lk(const KT* p) { return static_cast<F>(to_float(*p)); }
     static HOREN_INLINE V lk(const double* p) { return static_cast<F>(*p); }
     template <class KT> static HOREN_INLINE V lkt(const KT* p, int) { return lk(p); }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        lo = static_cast<F>(bf16_to_float(p[0].bits));
+        hi = static_cast<F>(bf16_to_float(p[1].bits));
+    }
     static HOREN_INLINE V fma(V a, V b, V c) { return a * b + c; }
     static HOREN_INLINE V mul(V a, V b) { return a * b; }
     static HOREN_INLINE void store(F* p, V v) { *p = v; }
@@ -195,6 +227,11 @@ struct OpsF {
         return widen_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     }
     static HOREN_INLINE V lkt(const bf16_t* p, int n) { return widen_bf16x8(tail16(p, n)); }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        lo = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+        hi = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+    }
     static HOREN_INLINE V lk(const f16_t* p) {
         return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     }
@@ -228,6 +265,11 @@ struct OpsD {
     }
     static HOREN_INLINE V lkt(const bf16_t* p, int n) {
         return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(tail16(p, n)), 16)));
+    }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        lo = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(x, 16)));
+        hi = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_and_si128(x, _mm_set1_epi32(static_cast<int>(0xffff0000u)))));
     }
     static HOREN_INLINE V lk(const f16_t* p) {
         return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -270,6 +312,11 @@ struct OpsF {
         return widen_bf16x16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
     static HOREN_INLINE V lkt(const bf16_t* p, int n) { return widen_bf16x16(_mm256_maskz_loadu_epi16(m(n), p)); }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        __m512i x = _mm512_loadu_si512(p);
+        lo = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        hi = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    }
     static HOREN_INLINE V lk(const f16_t* p) {
         return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
@@ -300,6 +347,11 @@ struct OpsD {
         return _mm512_cvtps_pd(w8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     }
     static HOREN_INLINE V lkt(const bf16_t* p, int n) { return _mm512_cvtps_pd(w8(_mm_maskz_loadu_epi16(m(n), p))); }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        lo = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+        hi = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xffff0000u)))));
+    }
     static HOREN_INLINE V lk(const f16_t* p) {
         return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     }
@@ -388,9 +440,9 @@ class Driver {
 public:
     Driver(const Problem& p, const KernelSet<F, KT>& ks) : p_(p), ks_(ks) {
         const int64_t key_bytes = std::max<int64_t>(1, p.d * static_cast<int64_t>(sizeof(KT)));
-        int64_t t = (256 * 1024) / key_bytes;   // a tile of keys stays in L2 between its two uses
-        t = std::max<int64_t>(4, std::min<int64_t>(256, t));
-        tile_ = static_cast<int>(t - t % 4);
+        int64_t t = (static_cast<int64_t>(getenv("HF_TILE_KB") ? atoi(getenv("HF_TILE_KB")) : 512) * 1024) / key_bytes;   // a tile of keys stays in L2 between its two uses
+        t = std::max<int64_t>(8, std::min<int64_t>(256, t));
+        tile_ = static_cast<int>(t - t % 8);    // whole register blocks of the dot and axpy loops
     }
 
     void run() {
@@ -457,14 +509,14 @@ private:
         const int64_t d = p_.d;
         const F alpha = static_cast<F>(p_.alpha);
         const int64_t passes = std::max<int64_t>(p_.steps, 1);
-        std::vector<F> Qa, r(d), v(d);
+        std::vector<F> Qa, r(d), v(d), nat(d);
         for (int64_t t = 0; t < passes && !active.empty(); ++t) {
             const bool softmax = p_.steps > 0;
             const bool last = t == passes - 1;
             const int64_t Ba = static_cast<int64_t>(active.size());
             Qa.resize(Ba * d);
             for (int64_t a = 0; a < Ba; ++a)
-                std::memcpy(&Qa[a * d], &q_[active[a] * d], sizeof(F) * d);
+                to_paired(&q_[active[a] * d], &Qa[a * d], d, ks_.paired_block);
             pass(Qa.data(), Ba, softmax, softmax && last);
             std::vector<int64_t> next;
             std::vector<BoundRow> bound_rows;
@@ -472,8 +524,9 @@ private:
             for (int64_t a = 0; a < Ba; ++a) {
                 const int64_t b = active[a];
                 if (!softmax) { exact_rows.push_back(a); continue; }
-                const F* acc = &acc_[a * d];
-                const F* q = &Qa[a * d];
+                from_paired(&acc_[a * d], nat.data(), d, ks_.paired_block);
+                const F* acc = nat.data();
+                const F* q = &q_[b * d];   // natural order; overwritten below only after its last use
                 double rn = std::sqrt(sq_sum(acc, d));
                 if (!(rn > 0) || !std::isfinite(rn)) { exact_rows.push_back(a); continue; }  // q stays
                 double dist2 = 0, rho = 0;
@@ -545,8 +598,8 @@ private:
             for (int64_t j0 = n0; j0 < n1; j0 += T) {
                 const int nj = static_cast<int>(std::min<int64_t>(T, n1 - j0));
                 const KT* kp = key(j0);
-                ks_.dot(kp, p_.ks, nj, Qa, d, static_cast<int>(Ba), d, &S_[j0], N);
-                if (want_norms) ks_.sqnorm(kp, p_.ks, nj, d, &norms_[j0]);
+                ks_.dot(kp, p_.ks, nj, Qa, d, static_cast<int>(Ba), d, &S_[j0], N,
+                        want_norms ? &norms_[j0] : nullptr);
                 if (!softmax) continue;
                 for (int64_t a = 0; a < Ba; ++a) {
                     const F* s = &S_[a * N + j0];
@@ -559,7 +612,9 @@ private:
                     }
                     ks_.weights(s, nj, beta, m[a], w + a * T);
                 }
-                ks_.axpy(kp, p_.ks, nj, w, T, static_cast<int>(Ba), d, accT, d);
+                const int64_t pfn = std::min<int64_t>(T, n1 - (j0 + T));
+                ks_.axpy(kp, p_.ks, nj, w, T, static_cast<int>(Ba), d, accT, d,
+                         pfn > 0 ? key(j0 + T) : nullptr, static_cast<int>(std::max<int64_t>(0, pfn)));
             }
             if (softmax) {
 #pragma omp barrier
@@ -638,7 +693,9 @@ private:
         if (cand.empty()) return;  // every final cosine is <= threshold: no match, no re-read
         auto later = [](const Cand& x, const Cand& y) { return x.ub < y.ub || (x.ub == y.ub && x.i > y.i); };
         std::make_heap(cand.begin(), cand.end(), later);
-        const F* q = &q_[br.b * d];
+        std::vector<F> qp(d);
+        to_paired(&q_[br.b * d], qp.data(), d, ks_.paired_block);
+        const F* q = qp.data();
         double best = -std::numeric_limits<double>::infinity();
         int64_t best_i = -1;
         while (!cand.empty()) {
@@ -647,7 +704,7 @@ private:
             std::pop_heap(cand.begin(), cand.end(), later);
             cand.pop_back();
             F c;
-            ks_.dot(key(top.i), p_.ks, 1, q, d, 1, d, &c, 1);
+            ks_.dot(key(top.i), p_.ks, 1, q, d, 1, d, &c, 1, nullptr);
             const double cd = c;
             if (cd > best || (cd == best && top.i < best_i)) { best = cd; best_i = top.i; }
         }
@@ -736,22 +793,50 @@ PYBIND11_MODULE(_C, m) {
 // The inner loops, written once against an instruction set's OpsF / OpsD (see Part 2).
 // =================================================================================================
 
+#ifndef HF_PF
+#define HF_PF 3
+#endif
+#ifndef HF_PF
+#define HF_PF 3
+#endif
 template <class F> struct OpsOf;
 template <> struct OpsOf<float> { using type = OpsF; };
 template <> struct OpsOf<double> { using type = OpsD; };
 
 // Scores of JB keys against BB queries, accumulated over d in registers.
-template <class O, class KT, int JB, int BB>
+// With NORM, also the squared norms of the JB keys into nrm[j].
+template <class O, class KT, int JB, int BB, bool NORM>
 static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t qs, int64_t d,
-                       typename O::F* out, int64_t os) {
+                       typename O::F* out, int64_t os, typename O::F* nrm) {
     using V = typename O::V;
     constexpr int W = O::W;
     V acc[JB][BB];
+    V nacc[JB];
 #pragma GCC unroll 16
-    for (int j = 0; j < JB; ++j)
+    for (int j = 0; j < JB; ++j) {
+        nacc[j] = O::zero();
 #pragma GCC unroll 16
         for (int b = 0; b < BB; ++b) acc[j][b] = O::zero();
+    }
     int64_t c = 0;
+    if constexpr (std::is_same<KT, bf16_t>::value) {  // pairs layout, see paired_block
+        for (; c + 2 * W <= d; c += 2 * W) {
+            V lo[JB], hi[JB], qlo[BB], qhi[BB];
+#pragma GCC unroll 16
+            for (int j = 0; j < JB; ++j) O::lk2(K + j * ks + c, lo[j], hi[j]);
+#pragma GCC unroll 16
+            for (int b = 0; b < BB; ++b) {
+                qlo[b] = O::load(Q + b * qs + c);
+                qhi[b] = O::load(Q + b * qs + c + W);
+            }
+#pragma GCC unroll 16
+            for (int j = 0; j < JB; ++j) {
+#pragma GCC unroll 16
+                for (int b = 0; b < BB; ++b) acc[j][b] = O::fma(hi[j], qhi[b], O::fma(lo[j], qlo[b], acc[j][b]));
+                if (NORM) nacc[j] = O::fma(hi[j], hi[j], O::fma(lo[j], lo[j], nacc[j]));
+            }
+        }
+    }
     for (; c + W <= d; c += W) {
         V kv[JB], qv[BB];
 #pragma GCC unroll 16
@@ -759,9 +844,11 @@ static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t 
 #pragma GCC unroll 16
         for (int b = 0; b < BB; ++b) qv[b] = O::load(Q + b * qs + c);
 #pragma GCC unroll 16
-        for (int j = 0; j < JB; ++j)
+        for (int j = 0; j < JB; ++j) {
 #pragma GCC unroll 16
             for (int b = 0; b < BB; ++b) acc[j][b] = O::fma(kv[j], qv[b], acc[j][b]);
+            if (NORM) nacc[j] = O::fma(kv[j], kv[j], nacc[j]);
+        }
     }
     if (c < d) {
         const int n = static_cast<int>(d - c);
@@ -771,50 +858,97 @@ static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t 
 #pragma GCC unroll 16
         for (int b = 0; b < BB; ++b) qv[b] = O::loadt(Q + b * qs + c, n);
 #pragma GCC unroll 16
-        for (int j = 0; j < JB; ++j)
+        for (int j = 0; j < JB; ++j) {
 #pragma GCC unroll 16
             for (int b = 0; b < BB; ++b) acc[j][b] = O::fma(kv[j], qv[b], acc[j][b]);
+            if (NORM) nacc[j] = O::fma(kv[j], kv[j], nacc[j]);
+        }
     }
 #pragma GCC unroll 16
     for (int j = 0; j < JB; ++j)
 #pragma GCC unroll 16
         for (int b = 0; b < BB; ++b) out[b * os + j] = O::hsum(acc[j][b]);
+    if (NORM)
+#pragma GCC unroll 16
+        for (int j = 0; j < JB; ++j) nrm[j] = O::hsum(nacc[j]);
+}
+
+template <class O, class KT, int BB, bool NORM>
+static HOREN_INLINE void dot_rows(const KT* K, int64_t ks, int nj, const typename O::F* Q, int64_t qs,
+                                  int64_t d, typename O::F* out, int64_t os, typename O::F* nrm) {
+    int j = 0;
+    for (; j + DOT_JB <= nj; j += DOT_JB)
+        dot_kernel<O, KT, DOT_JB, BB, NORM>(K + j * ks, ks, Q, qs, d, out + j, os, NORM ? nrm + j : nullptr);
+    for (; j < nj; ++j)
+        dot_kernel<O, KT, 1, BB, NORM>(K + j * ks, ks, Q, qs, d, out + j, os, NORM ? nrm + j : nullptr);
 }
 
 template <class F, class KT>
 static void dot_block(const KT* K, int64_t ks, int nj, const F* Q, int64_t qs, int nb, int64_t d, F* out,
-                      int64_t os) {
+                      int64_t os, F* nrm) {
     using O = typename OpsOf<F>::type;
     int b = 0;
-    for (; b + DOT_BB <= nb; b += DOT_BB) {
-        int j = 0;
-        for (; j + DOT_JB <= nj; j += DOT_JB)
-            dot_kernel<O, KT, DOT_JB, DOT_BB>(K + j * ks, ks, Q + b * qs, qs, d, out + b * os + j, os);
-        for (; j < nj; ++j) dot_kernel<O, KT, 1, DOT_BB>(K + j * ks, ks, Q + b * qs, qs, d, out + b * os + j, os);
+    if (nrm != nullptr) {  // the first block of rows also computes the key norms
+        if (nb >= DOT_BB) {
+            dot_rows<O, KT, DOT_BB, true>(K, ks, nj, Q, qs, d, out, os, nrm);
+            b = DOT_BB;
+        } else {
+            dot_rows<O, KT, 1, true>(K, ks, nj, Q, qs, d, out, os, nrm);
+            b = 1;
+        }
     }
-    for (; b < nb; ++b) {
-        int j = 0;
-        for (; j + DOT_JB <= nj; j += DOT_JB)
-            dot_kernel<O, KT, DOT_JB, 1>(K + j * ks, ks, Q + b * qs, qs, d, out + b * os + j, os);
-        for (; j < nj; ++j) dot_kernel<O, KT, 1, 1>(K + j * ks, ks, Q + b * qs, qs, d, out + b * os + j, os);
-    }
+    for (; b + DOT_BB <= nb; b += DOT_BB) dot_rows<O, KT, DOT_BB, false>(K, ks, nj, Q + b * qs, qs, d, out + b * os, os, nullptr);
+    for (; b < nb; ++b) dot_rows<O, KT, 1, false>(K, ks, nj, Q + b * qs, qs, d, out + b * os, os, nullptr);
 }
 
 // acc[b] += sum_j w[b, j] K[j] for J keys: a chunk of the J keys is loaded into registers once
 // and applied to every query row.
+// Prefetch (into L2) the `bytes` at element c of the first n of J keys of the next tile.
+template <int J, class KT>
+static HOREN_INLINE void prefetch_lines(const KT* pf, int64_t ks, int n, int64_t c, int bytes) {
+    // Pays off for 16-bit keys; for wider keys the extra misses slow the loop more than they save.
+    if (sizeof(KT) != 2 || pf == nullptr) return;
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j)
+        if (j < n)
+            for (int off = 0; off < bytes; off += 64)
+                __builtin_prefetch(reinterpret_cast<const char*>(pf + j * ks + c) + off, 0, 2);
+}
+
 template <class O, class KT, int J>
 static void axpy_kernel(const KT* K, int64_t ks, const typename O::F* Wt, int64_t ws, int nb, int64_t d,
-                        typename O::F* acc, int64_t as) {
+                        typename O::F* acc, int64_t as, const KT* pf, int pfn) {
     using V = typename O::V;
     constexpr int W = O::W;
     constexpr int CB = AXPY_CB;
     int64_t c = 0;
+    if constexpr (std::is_same<KT, bf16_t>::value) {  // pairs layout, see paired_block
+        for (; c + 2 * W <= d; c += 2 * W) {
+            V lo[J], hi[J];
+#pragma GCC unroll 16
+            for (int j = 0; j < J; ++j) O::lk2(K + j * ks + c, lo[j], hi[j]);
+            prefetch_lines<J>(pf, ks, pfn, c, 2 * W * static_cast<int>(sizeof(KT)));
+            for (int b = 0; b < nb; ++b) {
+                typename O::F* dst = acc + b * as + c;
+                V a0 = O::load(dst), a1 = O::load(dst + W);
+#pragma GCC unroll 16
+                for (int j = 0; j < J; ++j) {
+                    V wv = O::set1(Wt[b * ws + j]);
+                    a0 = O::fma(wv, lo[j], a0);
+                    a1 = O::fma(wv, hi[j], a1);
+                }
+                O::store(dst, a0);
+                O::store(dst + W, a1);
+            }
+        }
+    }
     for (; c + CB * W <= d; c += CB * W) {
         V kv[J][CB];
 #pragma GCC unroll 16
         for (int j = 0; j < J; ++j)
 #pragma GCC unroll 4
             for (int u = 0; u < CB; ++u) kv[j][u] = O::lk(K + j * ks + c + u * W);
+        prefetch_lines<J>(pf, ks, pfn, c, CB * W * static_cast<int>(sizeof(KT)));
         for (int b = 0; b < nb; ++b) {
             typename O::F* dst = acc + b * as + c;
             V av[CB];
@@ -848,34 +982,15 @@ static void axpy_kernel(const KT* K, int64_t ks, const typename O::F* Wt, int64_
 
 template <class F, class KT>
 static void axpy_block(const KT* K, int64_t ks, int nj, const F* Wt, int64_t ws, int nb, int64_t d, F* acc,
-                       int64_t as) {
+                       int64_t as, const KT* pf, int pfn) {
     using O = typename OpsOf<F>::type;
     int j = 0;
-    for (; j + AXPY_J <= nj; j += AXPY_J) axpy_kernel<O, KT, AXPY_J>(K + j * ks, ks, Wt + j, ws, nb, d, acc, as);
-    for (; j < nj; ++j) axpy_kernel<O, KT, 1>(K + j * ks, ks, Wt + j, ws, nb, d, acc, as);
-}
-
-template <class F, class KT>
-static void sqnorm_block(const KT* K, int64_t ks, int nj, int64_t d, F* out) {
-    using O = typename OpsOf<F>::type;
-    using V = typename O::V;
-    constexpr int W = O::W;
-    for (int j = 0; j < nj; ++j) {
-        const KT* k = K + j * ks;
-        V a0 = O::zero(), a1 = O::zero();
-        int64_t c = 0;
-        for (; c + 2 * W <= d; c += 2 * W) {
-            V x = O::lk(k + c), y = O::lk(k + c + W);
-            a0 = O::fma(x, x, a0);
-            a1 = O::fma(y, y, a1);
-        }
-        for (; c < d; c += W) {
-            const int n = static_cast<int>(std::min<int64_t>(W, d - c));
-            V x = n == W ? O::lk(k + c) : O::lkt(k + c, n);
-            a0 = O::fma(x, x, a0);
-        }
-        out[j] = O::hsum(a0) + O::hsum(a1);
-    }
+    for (; j + AXPY_J <= nj; j += AXPY_J)
+        axpy_kernel<O, KT, AXPY_J>(K + j * ks, ks, Wt + j, ws, nb, d, acc, as, pf ? pf + j * ks : nullptr,
+                                   std::max(0, std::min(AXPY_J, pfn - j)));
+    for (; j < nj; ++j)
+        axpy_kernel<O, KT, 1>(K + j * ks, ks, Wt + j, ws, nb, d, acc, as, pf ? pf + j * ks : nullptr,
+                              std::max(0, std::min(1, pfn - j)));
 }
 
 template <class F>
@@ -893,9 +1008,9 @@ KernelSet<F, KT> make_kernels() {
     KernelSet<F, KT> k;
     k.dot = &dot_block<F, KT>;
     k.axpy = &axpy_block<F, KT>;
-    k.sqnorm = &sqnorm_block<F, KT>;
     k.weights = &weights_tile<F>;
     k.scale = &scale_vec<F>;
+    k.paired_block = std::is_same<KT, bf16_t>::value ? 2 * OpsOf<F>::type::W : 0;
     return k;
 }
 

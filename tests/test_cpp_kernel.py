@@ -1,0 +1,166 @@
+"""The fused C++ CPU kernel (csrc/horen_cpu.cpp) against the float64 oracle, on every instruction
+set this CPU has (HOREN_FAST_CPU_ISA), with shapes that hit every tail of its loops."""
+import numpy as np
+import pytest
+import torch
+
+from horen_fast import retrieve
+from horen_fast.backends import cpp
+from oracle import anisotropic_keys, assert_agrees, mixed_queries, oracle_retrieve, unit
+
+pytestmark = pytest.mark.skipif(cpp._C is None, reason="the C++ extension is not built")
+
+ISAS = [isa for isa in ("avx512", "avx2", "scalar") if cpp._C is not None and cpp._C.isa_supported(isa)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("HOREN_FAST_CPU_ISA", request.param)
+    assert cpp.cpu_isa() == request.param
+    return request.param
+
+
+def check(keys, queries, context="", **kw):
+    res = retrieve(queries, keys, backend="cpp", **kw)
+    exp = oracle_retrieve(queries.double().numpy(), keys.double().numpy(), **kw)
+    assert_agrees(res, exp, context=context)
+    return res, exp
+
+
+def case(seed, n, d, b, dtype=torch.float32, qdtype=torch.float32):
+    rng = np.random.default_rng(seed)
+    keys = torch.tensor(anisotropic_keys(rng, n, d)).to(dtype)
+    queries = torch.tensor(mixed_queries(rng, keys.double().numpy(), b, d)).to(qdtype)
+    return keys, queries
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,b", [
+    (1, 1, 2), (5, 3, 4), (13, 17, 7), (37, 31, 5), (101, 33, 9), (70, 63, 3), (45, 65, 6),
+    (9, 129, 5), (300, 97, 256), (19, 14336, 2), (150, 4099, 3),
+])
+def test_shapes_tails_and_dtypes(isa, dtype, n, d, b):
+    """Odd widths (vector and pair tails), N not a multiple of any tile, B up to 256."""
+    keys, queries = case(n * 7 + d + b, n, d, b, dtype)
+    check(keys, queries, f"{isa} {dtype} n={n} d={d} b={b}")
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 4])
+def test_steps_and_random_hyper_parameters(isa, steps):
+    rng = np.random.default_rng(steps)
+    for _ in range(3):
+        n, d, b = int(rng.integers(1, 400)), int(rng.integers(1, 200)), int(rng.integers(1, 40))
+        keys, queries = case(int(rng.integers(1 << 30)), n, d, b)
+        kw = dict(steps=steps, beta=float(rng.uniform(0.5, 50)), alpha=float(rng.uniform(0.01, 1.0)),
+                  threshold=float(rng.uniform(0.3, 0.99)))
+        check(keys, queries, f"{isa} n={n} d={d} b={b} {kw}", **kw)
+
+
+def test_query_dtypes_follow_compute_dtype(isa):
+    for qdtype, kdtype, expected in [(torch.float64, torch.bfloat16, torch.float64),
+                                     (torch.float16, torch.float16, torch.float32),
+                                     (torch.bfloat16, torch.float64, torch.float64)]:
+        keys, queries = case(5, 80, 40, 6, kdtype, qdtype)
+        res, _ = check(keys, queries, f"{isa} q={qdtype} k={kdtype}")
+        assert res.score.dtype == expected
+
+
+def test_bound_scoring_with_many_candidates(isa):
+    """A low threshold and clustered keys: nearly every key's bound clears the threshold, so the
+    rescoring walks many candidates in bound order."""
+    keys, queries = case(11, 600, 48, 16)
+    for tau in (-1.0, 0.0, 0.3, 0.6):
+        check(keys, queries, f"{isa} tau={tau}", threshold=tau)
+
+
+def test_bound_scoring_with_few_candidates(isa):
+    """Paraphrase queries against many unrelated keys: few candidates; unrelated queries: none."""
+    rng = np.random.default_rng(12)
+    k = unit(rng.standard_normal((2000, 64)))
+    q = np.concatenate([k[:8] + 0.2 * unit(rng.standard_normal((8, 64))), rng.standard_normal((8, 64))])
+    res, exp = check(torch.tensor(k, dtype=torch.float32), torch.tensor(q, dtype=torch.float32), isa,
+                     threshold=0.8)
+    assert exp.matched[:8].all() and not exp.matched[8:].any()
+    assert res.index[:8].tolist() == list(range(8))
+
+
+def test_ties_after_a_step_pick_the_lowest_index(isa):
+    """Exact duplicates among the best keys: the bound walk must still return the lowest index."""
+    rng = np.random.default_rng(4)
+    k = anisotropic_keys(rng, 300, 32)
+    k[250] = k[40]
+    k[120] = k[40]
+    q = k[40] + 0.1 * unit(rng.standard_normal(32))
+    for steps in (0, 1, 3):
+        res = retrieve(torch.tensor(q[None]), torch.tensor(k), backend="cpp", steps=steps, threshold=0.5)
+        assert res.index.item() == 40
+
+
+def test_keys_that_are_not_unit_norm(isa):
+    """The bound uses each key's norm, so keys of any norm are scored exactly like the oracle."""
+    rng = np.random.default_rng(8)
+    k = anisotropic_keys(rng, 400, 24) * rng.uniform(0.3, 1.5, (400, 1))
+    q = mixed_queries(rng, k, 24, 24)
+    for tau in (0.5, 0.85, 1.2):
+        check(torch.tensor(k), torch.tensor(q, dtype=torch.float32).double(), f"{isa} tau={tau}", threshold=tau)
+
+
+def test_stop_rule_extremes(isa):
+    keys, queries = case(21, 200, 40, 12)
+    check(keys, queries, "eps=10: every row stops at once", eps=10.0, steps=3)
+    check(keys, queries, "eps=0: no row stops", eps=0.0, steps=3)
+
+
+def test_strided_keys_are_read_in_place(isa):
+    """A row-strided view (a slice of a wider buffer) goes to the kernel without a copy, and the
+    padding columns beside it are never read (they hold NaN here)."""
+    keys, queries = case(31, 150, 37, 8)
+    for dtype in DTYPES:
+        buf = torch.full((150, 50), float("nan"), dtype=dtype)
+        buf[:, 5:42] = keys.to(dtype)
+        view = buf[:, 5:42]
+        assert not view.is_contiguous()
+        assert cpp.kernel_keys(view, torch.float32).data_ptr() == view.data_ptr()
+        res = retrieve(queries, view, backend="cpp")
+        ref = retrieve(queries, keys.to(dtype).contiguous(), backend="cpp")
+        assert torch.equal(res.index, ref.index)
+        torch.testing.assert_close(res.score, ref.score, equal_nan=True, rtol=0, atol=0)
+        check(view, queries, f"{isa} strided {dtype}")
+
+
+def test_other_layouts_are_handled(isa):
+    keys, queries = case(32, 120, 24, 10)
+    transposed = keys.T.contiguous().T  # columns strided: copied once
+    assert transposed.stride(1) != 1
+    check(transposed, queries, "column-strided keys")
+    check(keys, queries.T.contiguous().T, "column-strided queries")
+    check(keys, torch.cat([queries, queries])[::2], "row-strided queries")
+    one = keys[:1].expand(30, -1)  # row stride 0: 30 identical keys, ties -> index 0
+    res = retrieve(keys[:1] * 3, one, backend="cpp")
+    assert res.index.item() == 0
+
+
+def test_thread_count_does_not_change_the_result():
+    keys, queries = case(41, 3000, 96, 20)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = retrieve(queries, keys, backend="cpp")
+        torch.set_num_threads(max(2, before))
+        many = retrieve(queries, keys, backend="cpp")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.index, many.index)
+    torch.testing.assert_close(one.score, many.score, equal_nan=True, atol=1e-6, rtol=0)
+
+
+def test_isa_switch_errors(monkeypatch):
+    monkeypatch.setenv("HOREN_FAST_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="HOREN_FAST_CPU_ISA"):
+        retrieve(torch.randn(2, 8), torch.randn(3, 8), backend="cpp")
+    for isa in ("avx512", "avx2"):
+        if not cpp._C.isa_supported(isa):
+            monkeypatch.setenv("HOREN_FAST_CPU_ISA", isa)
+            with pytest.raises(RuntimeError, match="does not support"):
+                retrieve(torch.randn(2, 8), torch.randn(3, 8), backend="cpp")
