@@ -1,0 +1,46 @@
+"""`horen-fast demo` end to end on a tiny random Llama folder (the real model: see
+test_integration_smollm2.py)."""
+import io
+
+import pytest
+import torch
+
+from horen_fast.cli import main
+from horen_fast.demo import DEMO_FACTS, TEMPLATE, run_demo
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tiny_lm import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cli_demo_runs(tiny_folder, capsys):
+    rc = main(["demo", "--model", str(tiny_folder), "--layer", "1", "--n-iter", "2",
+               "--max-new-tokens", "3", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.count(" -> ") >= 2 * len(DEMO_FACTS)        # the edit list and the table headings
+    assert "paraphrases:" in out and "Time: load" in out
+
+
+def test_demo_figures(tiny_folder):
+    buf = io.StringIO()
+    res = run_demo(str(tiny_folder), layer=1, n_iter=3, max_new_tokens=2, progress=False, out=buf)
+    n = len(DEMO_FACTS)
+    assert res["n"] == n and len(res["results"]) == n
+    assert len({r.id for r in res["results"]}) == n           # one entry per fact
+    assert len(res["before"]) == len(res["after"]) == 3 * n
+    for i, r in enumerate(res["results"]):
+        entry, cos = res["retrievals"][3 * i]                 # the edited question itself
+        assert entry == r.id and cos == pytest.approx(1.0, abs=1e-5)
+    assert all(0 <= v <= n for v in res["ok"].values())
+    assert TEMPLATE.format(question="x").startswith("Q: x")
