@@ -6,7 +6,10 @@ The same ZsRE records are edited, in the same run, by
   optimizer over all stored values, codebook grown by torch.cat, retrieval in every forward);
 - ``ours @ 10``: HoReNEditor whose codebook already holds 10 entries;
 - ``ours @ 10K``: HoReNEditor whose codebook already holds 10,000 synthetic entries (added through
-  Codebook.add), to show that an edit costs O(1) in the number of stored edits.
+  Codebook.add), to show that an edit costs O(1) in the number of stored edits;
+- ``ours edit_many``: the same two editors given ``--batch`` records at once (``edit_many`` trains
+  up to 16 independent edits together, equal to editing them one by one): seconds per edit are
+  the call's time over the number of records.
 
 Each editor works on its own copy of the model, and the three are interleaved record by record, so
 a burst of load on a shared machine hits all of them alike. Medians are reported. A parity check
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--big", type=int, default=10_000, help="entries prefilled for the O(1) check")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: stable timings on a shared machine)")
+    ap.add_argument("--batch", type=int, default=16, help="records per edit_many call (0: skip)")
     ap.add_argument("--no-parity", action="store_true")
     args = ap.parse_args(argv)
 
@@ -116,8 +120,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     base, tok = load_model(args.model, progress=False)
     load_s = time.perf_counter() - t0
-    records = load_records(args.data, args.records + 1)
-    warmup, records = records[0], records[1:]
+    records = load_records(args.data, max(args.records, args.batch) + 1)
+    warmup, batch_records, records = records[0], records[1:args.batch + 1], records[1:args.records + 1]
 
     cfg = HoReNConfig(layer=layer, n_iter=args.n_iter)
     small = HoReNEditor(copy.deepcopy(base), tok, cfg)
@@ -147,6 +151,17 @@ def main(argv=None) -> int:
         print(f"  record {i + 1}/{len(records)}: " + ", ".join(
             f"{k} {v[-1]:.2f}s" for k, v in times.items()), file=sys.stderr, flush=True)
 
+    if args.batch:
+        for name, ed in (("ours edit_many @ 10", small), (f"ours edit_many @ {args.big:,}", big)):
+            t = time.perf_counter()
+            res = ed.edit_many(batch_records, progress=False)
+            per = (time.perf_counter() - t) / len(res)
+            times[name] = [per]
+            losses[name] = [statistics.median(r.loss for r in res)]
+            for r in res:
+                ed.forget(r.id)
+            print(f"  {name}: {per:.2f}s per edit ({len(res)} records)", file=sys.stderr, flush=True)
+
     med = {k: statistics.median(v) for k, v in times.items()}
     pub_med = med["published"]
     print(f"\nEdit speed, {args.model} layer {small.layer_path}, n_iter {args.n_iter}, "
@@ -159,7 +174,12 @@ def main(argv=None) -> int:
         print(f"| {k} | {med[k]:.3f} | {min(v):.3f} | {max(v):.3f} | {pub_med / med[k]:.1f}x | "
               f"{statistics.median(losses[k]):.4f} |")
     big_name = f"ours @ {args.big:,}"
-    print(f"\n{big_name} vs ours @ 10: {100 * (med[big_name] / med['ours @ 10'] - 1):+.1f}% per edit")
+    print(f"\n(edit_many rows: one call on {args.batch} records, seconds per edit = call time / "
+          f"{args.batch}; min = max = median)" if args.batch else "")
+    print(f"{big_name} vs ours @ 10: {100 * (med[big_name] / med['ours @ 10'] - 1):+.1f}% per edit")
+    if args.batch:
+        b_small, b_big = f"ours edit_many @ 10", f"ours edit_many @ {args.big:,}"
+        print(f"edit_many @ {args.big:,} vs @ 10: {100 * (med[b_big] / med[b_small] - 1):+.1f}% per edit")
     if not args.no_parity:
         p = parity(base, tok, records[0], small.layer_path, args.n_iter)
         print(f"\nparity (record 1, same initial value): relative difference of the trained values "
