@@ -197,9 +197,24 @@ def run_demo(model_name: str = "smollm2", *, layer=None, threshold: float = DEMO
             "retrievals": found}
 
 
+def _busy_machine_threads() -> int | None:
+    """1 when the machine is already busier than its cores (torch's worker threads then wait on
+    each other and a forward pass can take 10x longer), else None (torch's default)."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):
+        return None
+    return 1 if cores > 1 and load >= cores and torch.get_num_threads() > 1 else None
+
+
 def _cmd_demo(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or _busy_machine_threads()
+    if threads:
+        if not args.threads:
+            print(f"horen-fast demo: the machine is busy (load {os.getloadavg()[0]:.1f} on "
+                  f"{os.cpu_count()} cores): using 1 torch thread (--threads N to choose)",
+                  file=sys.stderr)
+        torch.set_num_threads(threads)
     layer = args.layer
     if layer is not None and layer.lstrip("-").isdigit():
         layer = int(layer)

@@ -422,7 +422,8 @@ class HoReNEditor:
 
     def _decide(self, job: "_Job", pending: set[int]) -> bool:
         """Reuse, replace or add (SPEC 5.2-5.3) against the codebook as it stands. Returns False
-        (deciding nothing) when the matched entry is still being trained in ``pending``."""
+        (deciding nothing) when the edit would reuse or replace an entry still being trained in
+        ``pending``."""
         cb = self.codebook
         job.action, job.entry_id, job.replaced = "added", None, None
         if len(cb):
@@ -435,7 +436,7 @@ class HoReNEditor:
                     k = cb.get_keys(j)[0].to(torch.float64)
                     if float(F.normalize(job.q[0].to(torch.float64), dim=0) @ k) > SAME_KEY_COS:
                         job.action, job.replaced = "replaced", j
-                if j in pending:
+                if j in pending and job.action != "added":
                     return False
         if job.action == "reused":
             job.entry = cb.get_values(job.entry_id)[0]
