@@ -38,13 +38,14 @@ def activations(model, tokenizer, layer: int, prompts: list[str]) -> torch.Tenso
     mlp = model.model.layers[layer].mlp.down_proj
     handle = mlp.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0]))
     out = []
+    tokenizer.padding_side = "right"
     try:
-        for p in prompts:  # one prompt at a time: no padding, P = the whole prompt
-            ids = tokenizer(p, return_tensors="pt").input_ids
-            model(input_ids=ids)
-            x = captured["x"].float()
-            q, _ = build_queries(x, torch.ones(x.shape[:2], dtype=torch.bool), STRATEGY)
-            out.append(q[0])
+        for lo in range(0, len(prompts), 32):  # right-padded batches; the mask marks each prompt
+            enc = tokenizer(prompts[lo: lo + 32], return_tensors="pt", padding=True)
+            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+            q, _ = build_queries(captured["x"].float(), enc.attention_mask.bool(), STRATEGY)
+            out.extend(q)
+            print(f"  {lo + len(q)}/{len(prompts)} prompts", flush=True)
     finally:
         handle.remove()
     return torch.stack(out)
@@ -65,6 +66,7 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     model, tok = load_model("smollm2", progress=False)
+    print(f"model loaded in {time.time() - t0:.0f}s", flush=True)
     layer = default_layer(model)
     recs = [r for r in read_records(args.records) if r.rephrase and r.loc_prompt]
     src = activations(model, tok, layer, [r.prompt for r in recs])
