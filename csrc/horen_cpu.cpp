@@ -154,6 +154,8 @@ struct Ops {
     using F = FT;
     using V = FT;
     static constexpr int W = 1;
+    static constexpr bool HAS_EXP = false;
+    static HOREN_INLINE V exp(V x) { return std::exp(x); }
     static HOREN_INLINE V zero() { return V(0); }
     static HOREN_INLINE V set1(F x) { return x; }
     static HOREN_INLINE V load(const F* p) { return *p; }
@@ -217,6 +219,27 @@ struct OpsF {
     using F = float;
     using V = __m256;
     static constexpr int W = 8;
+    static constexpr bool HAS_EXP = true;
+    static HOREN_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+    // exp for the softmax weights: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r
+    // (Cephes expf coefficients, relative error ~2e-7); inputs clamped to [-87, 88].
+    static HOREN_INLINE V exp_poly(V r) {
+        V p = set1(1.9875691500e-4f);
+        p = fma(p, r, set1(1.3981999507e-3f));
+        p = fma(p, r, set1(8.3334519073e-3f));
+        p = fma(p, r, set1(4.1665795894e-2f));
+        p = fma(p, r, set1(1.6666665459e-1f));
+        p = fma(p, r, set1(5.0000001201e-1f));
+        return fma(mul(p, r), r, add(r, set1(1.0f)));
+    }
+    static HOREN_INLINE V exp(V x) {
+        x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.0f)), set1(88.0f));
+        V n = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        V r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
+        r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        return _mm256_mul_ps(exp_poly(r), _mm256_castsi256_ps(e));
+    }
     static HOREN_INLINE V zero() { return _mm256_setzero_ps(); }
     static HOREN_INLINE V set1(F x) { return _mm256_set1_ps(x); }
     static HOREN_INLINE V load(const F* p) { return _mm256_loadu_ps(p); }
@@ -251,6 +274,8 @@ struct OpsD {
     using F = double;
     using V = __m256d;
     static constexpr int W = 4;
+    static constexpr bool HAS_EXP = false;
+    static HOREN_INLINE V exp(V x) { return x; }  // unused
     static HOREN_INLINE V zero() { return _mm256_setzero_pd(); }
     static HOREN_INLINE V set1(F x) { return _mm256_set1_pd(x); }
     static HOREN_INLINE V load(const F* p) { return _mm256_loadu_pd(p); }
@@ -301,6 +326,26 @@ struct OpsF {
     using F = float;
     using V = __m512;
     static constexpr int W = 16;
+    static constexpr bool HAS_EXP = true;
+    static HOREN_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+    // exp for the softmax weights: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r
+    // (Cephes expf coefficients, relative error ~2e-7); inputs clamped to [-87, 88].
+    static HOREN_INLINE V exp_poly(V r) {
+        V p = set1(1.9875691500e-4f);
+        p = fma(p, r, set1(1.3981999507e-3f));
+        p = fma(p, r, set1(8.3334519073e-3f));
+        p = fma(p, r, set1(4.1665795894e-2f));
+        p = fma(p, r, set1(1.6666665459e-1f));
+        p = fma(p, r, set1(5.0000001201e-1f));
+        return fma(mul(p, r), r, add(r, set1(1.0f)));
+    }
+    static HOREN_INLINE V exp(V x) {
+        x = _mm512_min_ps(_mm512_max_ps(x, set1(-87.0f)), set1(88.0f));
+        V n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        V r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);
+        r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+        return _mm512_scalef_ps(exp_poly(r), n);
+    }
     static HOREN_INLINE __mmask16 m(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
     static HOREN_INLINE V zero() { return _mm512_setzero_ps(); }
     static HOREN_INLINE V set1(F x) { return _mm512_set1_ps(x); }
@@ -331,6 +376,8 @@ struct OpsD {
     using F = double;
     using V = __m512d;
     static constexpr int W = 8;
+    static constexpr bool HAS_EXP = false;
+    static HOREN_INLINE V exp(V x) { return x; }  // unused
     static HOREN_INLINE __mmask8 m(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
     static HOREN_INLINE V zero() { return _mm512_setzero_pd(); }
     static HOREN_INLINE V set1(F x) { return _mm512_set1_pd(x); }
@@ -440,7 +487,7 @@ class Driver {
 public:
     Driver(const Problem& p, const KernelSet<F, KT>& ks) : p_(p), ks_(ks) {
         const int64_t key_bytes = std::max<int64_t>(1, p.d * static_cast<int64_t>(sizeof(KT)));
-        int64_t t = (static_cast<int64_t>(getenv("HF_TILE_KB") ? atoi(getenv("HF_TILE_KB")) : 512) * 1024) / key_bytes;   // a tile of keys stays in L2 between its two uses
+        int64_t t = (512 * 1024) / key_bytes;   // a tile of keys stays in L2 between its two uses
         t = std::max<int64_t>(8, std::min<int64_t>(256, t));
         tile_ = static_cast<int>(t - t % 8);    // whole register blocks of the dot and axpy loops
     }
@@ -498,9 +545,11 @@ private:
 
     int threads_for(int64_t rows) const {
         int nt = p_.nthreads > 0 ? p_.nthreads : 1;
-        // ~256K multiply-adds per thread at least, else threading costs more than it saves
-        int64_t work = p_.N * p_.d * std::max<int64_t>(1, rows);
-        int64_t useful = std::max<int64_t>(1, work / (256 * 1024));
+        // At least ~4M multiply-adds (about half a millisecond) per thread: below that, waking the
+        // threads and waiting for the slowest (on a busy machine, for one to be scheduled at all)
+        // costs more than it saves.
+        int64_t work = 2 * p_.N * p_.d * std::max<int64_t>(1, rows);
+        int64_t useful = std::max<int64_t>(1, work / (4 << 20));
         int64_t by_keys = std::max<int64_t>(1, p_.N / 4);
         return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(nt), useful, by_keys})));
     }
@@ -995,7 +1044,17 @@ static void axpy_block(const KT* K, int64_t ks, int nj, const F* Wt, int64_t ws,
 
 template <class F>
 static void weights_tile(const F* s, int n, F beta, F m, F* w) {
-    for (int j = 0; j < n; ++j) w[j] = std::exp(beta * s[j] - m);
+    using O = typename OpsOf<F>::type;
+    int j = 0;
+    if constexpr (O::HAS_EXP) {
+        const typename O::V vb = O::set1(beta), vm = O::set1(-m);
+        for (; j + O::W <= n; j += O::W) O::store(w + j, O::exp(O::fma(vb, O::load(s + j), vm)));
+        if (j < n) {
+            O::storet(w + j, O::exp(O::fma(vb, O::loadt(s + j, n - j), vm)), n - j);
+            j = n;
+        }
+    }
+    for (; j < n; ++j) w[j] = std::exp(beta * s[j] - m);
 }
 
 template <class F>
