@@ -30,12 +30,12 @@ def vocab_size() -> int:
 
 
 def model(arch: str = "llama", *, layers: int = 4, hidden: int = 48, inter: int = 96, seed: int = 0,
-          dtype=torch.float32):
+          dtype=torch.float32, init: float = 0.02):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     v = vocab_size()
-    common = dict(vocab_size=v, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    common = dict(vocab_size=v, bos_token_id=2, eos_token_id=3, pad_token_id=0, initializer_range=init)
     if arch == "llama":
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **common)
