@@ -486,21 +486,26 @@ class HoReNEditor:
         together, one row each: an edit's optimization reads only its own entry (module
         docstring, 4), and Adam is elementwise, so this equals training them one by one (up to
         floating-point rounding) while reading the model's weights once per step for all of them.
-        An edit whose matched entry is still being trained waits until that batch is done."""
+        Up to 4 * ``batch_size`` decided edits wait to be trained, grouped by length to limit
+        padding; an edit that would reuse or replace an entry still waiting is decided after those
+        are trained. If editing is interrupted, the edits still waiting are taken back."""
         self._check()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         from tqdm.auto import tqdm
         total = len(records) if hasattr(records, "__len__") else None
         results, pending = [], []
+        window = 4   # edits wait for up to window * batch_size others, to be batched by length
         bar = tqdm(total=total, disable=not progress, desc="HoReN edits", unit="edit")
 
         def flush():
-            if pending:
-                self._train(pending)
-                results.extend(job.result for job in pending)
-                bar.update(len(pending))
-                pending.clear()
+            # train the waiting edits in batches of similar length (less padding), report in order
+            order = sorted(pending, key=lambda job: len(job.ids) - job.start)
+            for lo in range(0, len(order), batch_size):
+                self._train(order[lo: lo + batch_size])
+                bar.update(len(order[lo: lo + batch_size]))
+            results.extend(job.result for job in pending)
+            pending.clear()
         try:
             with self._editing():
                 for chunk in _chunks(records, batch_size):
@@ -509,7 +514,7 @@ class HoReNEditor:
                             flush()
                             self._decide(job, set())
                         pending.append(job)
-                        if len(pending) >= batch_size:
+                        if len(pending) >= window * batch_size:
                             flush()
                 flush()
         except BaseException:
