@@ -166,3 +166,22 @@ def test_batched_edit_many_equals_one_by_one(arch, mode):
     assert one.codebook.ids == batched.codebook.ids
     torch.testing.assert_close(batched.codebook.values, one.codebook.values, rtol=1e-8, atol=1e-10)
     assert [r.loss for r in got] == pytest.approx([r.loss for r in expected], rel=1e-8)
+
+
+def test_batched_paths_without_head_split_or_prefix_cache(monkeypatch):
+    """The full-logits path (models whose head is not split off) and batches that mix edits with
+    and without a prefix KV cache give the one-by-one result too."""
+    tok = tm.tokenizer()
+    model = tm.model("qwen2", dtype=torch.float64, seed=5)
+    cfg = HoReNConfig(layer=1, n_iter=8, hopfield_key_match_threshold=0.999)
+    one = HoReNEditor(copy.deepcopy(model), tok, cfg)
+    expected = [one.edit(p, t) for p, t in RECORDS]
+    ed = HoReNEditor(model, tok, cfg)
+    ed._head = None
+    calls = []
+    real = ed._cache_layers
+    monkeypatch.setattr(ed, "_cache_layers", lambda cache, n: calls.append(n) or (real(cache, n) if len(calls) % 2 else None))
+    got = ed.edit_many(RECORDS, progress=False, batch_size=2)
+    assert len(calls) == 4
+    assert [(r.id, r.action) for r in got] == [(r.id, r.action) for r in expected]
+    torch.testing.assert_close(ed.codebook.values, one.codebook.values, rtol=1e-8, atol=1e-10)
