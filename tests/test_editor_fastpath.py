@@ -185,3 +185,22 @@ def test_batched_paths_without_head_split_or_prefix_cache(monkeypatch):
     assert len(calls) == 4
     assert [(r.id, r.action) for r in got] == [(r.id, r.action) for r in expected]
     torch.testing.assert_close(ed.codebook.values, one.codebook.values, rtol=1e-8, atol=1e-10)
+
+
+def test_one_batch_mixing_prefix_and_whole_sequence_rows(monkeypatch):
+    tok = tm.tokenizer()
+    model = tm.model("llama", dtype=torch.float64, seed=6)
+    cfg = HoReNConfig(layer=2, n_iter=6, hopfield_key_match_threshold=0.999)
+    one = HoReNEditor(copy.deepcopy(model), tok, cfg)
+    expected = [one.edit(p, t) for p, t in RECORDS[:3]]
+    ed = HoReNEditor(model, tok, cfg)
+    with ed._editing():
+        jobs = ed._prepare(RECORDS[:2])
+        monkeypatch.setattr(ed, "_cache_layers", lambda cache, n: None)
+        jobs += ed._prepare(RECORDS[2:3])
+        assert [job.prefix is None for job in jobs] == [False, False, True]
+        for job in jobs:
+            assert ed._decide(job, set())
+        ed._train(jobs)
+    assert [job.result.id for job in jobs] == [r.id for r in expected]
+    torch.testing.assert_close(ed.codebook.values, one.codebook.values, rtol=1e-8, atol=1e-10)
