@@ -3,7 +3,7 @@
 The editor installs a ``HoReNAdapter`` in place of one linear layer (the MLP output projection of
 layer L), keeps every edit as one entry of a ``Codebook``, and never changes the base weights.
 
-How an edit runs (``edit``), and why it costs O(1) in the number of stored edits:
+How an edit runs (``edit``, ``edit_many``), and why it costs O(1) in the number of stored edits:
 
 1. ``prompt + " " + target`` is tokenized; the prompt is the first P tokens, p = P - 1 its last
    position, and the target tokens are everything after it (their labels; SPEC 5.1).
@@ -13,25 +13,33 @@ How an edit runs (``edit``), and why it costs O(1) in the number of stored edits
 3. The query is retrieved once against the codebook (SPEC 5.2-5.3): reuse the matched entry if its
    label equals this edit's target, replace it if its key is this query (the same prompt edited
    again), else add a new entry (cold: uniform [0, 1); warm: y[p]).
-4. The entry's value alone is optimized with its own Adam (lr ``edit_lr``, ``n_iter`` steps) on the
-   mean cross-entropy of the target tokens, with the value added at p. Nothing before position p
-   and nothing before block L depends on the value, so each iteration runs only the suffix
-   positions [p, T-1) (exactly the positions whose logits predict target tokens), starting at block
-   L from the captured block input, over a fresh copy of the prefix KV cache. Blocks < L are
-   replaced, for the duration of the edit, by a module that returns the captured input.
+4. The entry alone is optimized with its own Adam (lr ``edit_lr``, ``n_iter`` steps) on the mean
+   cross-entropy of the target tokens, with the entry applied at p. Nothing before position p and
+   nothing before block L depends on the entry, so each iteration runs only the positions
+   [p, T-1) (exactly those whose logits predict target tokens), from block L on (blocks < L are
+   swapped, for the duration, for a module returning the captured block input), over a fresh copy
+   of the prefix KV cache, and computes logits only at those positions.
    During the optimization no other codebook entry is applied at p: the published code applies
    the entry it retrieves for the query, and for a new entry that is the entry itself (its key is
-   the query, cosine 1); for a reused entry it is the matched entry, the one being trained.
-   Retrieval is therefore decided once, before the loop, and the loop applies the trained entry.
-   Model parameters are frozen for the duration of an edit and gradients are taken with respect
-   to the value only (``torch.autograd.grad``), so no weight gradient is ever computed.
+   the query, cosine 1); for a reused entry it is the matched entry, the one being trained. So
+   retrieval is decided once, before the loop, and the loop applies only the trained entry.
+   Parameters are frozen during edits and gradients are taken for the entry only
+   (``torch.autograd.grad``): no weight gradient is ever computed.
+5. ``edit_many`` decides edits in order (each against the codebook its predecessors left), then
+   trains up to ``batch_size`` entries together, one padded row each. Since an edit's loss reads
+   only its own entry and Adam is elementwise, this equals editing one by one (to rounding), while
+   the weights are read once per step for the whole batch instead of once per edit.
 
 At inference the adapter adds each row's matched value at that row's last prompt position at the
 prefill pass (SPEC 4). The prompt is read from the ``attention_mask`` of the first pass (a forward
 pre-hook on the model): all non-padding tokens of a pass over an empty KV cache are the prompt;
-passes over a non-empty cache (decode steps) add nothing. ``generate`` and ``score`` pin the prompt
-explicitly, so cache-free generation (which re-runs the whole sequence each step) applies the edit
-at the same position as cached generation.
+passes over a non-empty cache (decode steps) add nothing; a 2-D ``attention_mask`` whose width
+differs from the input's also marks a decode step. Without an ``attention_mask`` every input token
+is prompt. So a plain ``model(...)`` call or ``model.generate(...)`` with the KV cache applies the
+edits where ``editor.generate`` does. ``generate`` and ``score`` pin the prompt explicitly, so
+cache-free generation (which re-runs the whole sequence each step) applies the edit at the same
+position as cached generation; a plain ``model.generate(use_cache=False)`` cannot know the
+original prompt and would treat each step's whole sequence as the prompt.
 """
 from __future__ import annotations
 
