@@ -699,8 +699,10 @@ private:
         const int64_t N = p_.N;
         const int64_t ne = static_cast<int64_t>(exact_rows.size());
         const int64_t nb = static_cast<int64_t>(bound_rows.size());
-        const int nt = std::max(1, std::min<int>(p_.nthreads, static_cast<int>(ne + nb)));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (ne + nb > 1)
+        // threads only when the rows' work (about N each, more for long candidate walks) is large
+        const int64_t rows_work = (ne + nb) * N;
+        const int nt = rows_work < (1 << 20) ? 1 : std::max(1, std::min<int>(p_.nthreads, static_cast<int>(ne + nb)));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
         for (int64_t i = 0; i < ne + nb; ++i) {
             if (i < ne) {
                 const int64_t a = exact_rows[i];
