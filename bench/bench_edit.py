@@ -158,8 +158,8 @@ def main(argv=None) -> int:
             per = (time.perf_counter() - t) / len(res)
             times[name] = [per]
             losses[name] = [statistics.median(r.loss for r in res)]
-            for r in res:
-                ed.forget(r.id)
+            for i in {r.id for r in res} & set(ed.codebook.ids):   # reused entries repeat ids
+                ed.forget(i)
             print(f"  {name}: {per:.2f}s per edit ({len(res)} records)", file=sys.stderr, flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
