@@ -166,9 +166,14 @@ def _load_embedded(model: EmbeddedModel, dtype: torch.dtype, progress: bool):
 
     folder = _converted_folder(model)
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        with _transformers_quiet(progress):
-            return (AutoModelForCausalLM.from_pretrained(folder, **_dtype_kwarg(dtype)),
-                    AutoTokenizer.from_pretrained(folder))
+        try:
+            with _transformers_quiet(progress):
+                return (AutoModelForCausalLM.from_pretrained(folder, **_dtype_kwarg(dtype)),
+                        AutoTokenizer.from_pretrained(folder))
+        except Exception as e:  # a damaged cache: rebuild it from the GGUF file
+            print(f"horen-fast: the cached model in {folder} cannot be read ({e}); rebuilding it",
+                  file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
     gguf = smollm2_gguf(progress=progress, model=model)
     lm, tok = _load_gguf(gguf, torch.float32, progress)
     if progress:
@@ -182,6 +187,7 @@ def _load_embedded(model: EmbeddedModel, dtype: torch.dtype, progress: bool):
             setattr(lm, attr, None)
     if hasattr(lm, "is_quantized"):
         lm.is_quantized = False
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".hf-float32-", dir=folder.parent))
     try:
         with _transformers_quiet(progress=False):

@@ -168,3 +168,33 @@ def test_default_layer():
     assert default_layer(gpt2) == 6
     with pytest.raises(ValueError, match="pass the layer yourself"):
         default_layer(types.SimpleNamespace(config=types.SimpleNamespace()))
+
+
+def test_dequantized_model_is_cached_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    """The embedded model is converted once into a safetensors folder; later loads read it; a
+    damaged folder is rebuilt. (The GGUF reading itself is stubbed with a tiny model here; the real
+    file is exercised by test_integration_smollm2.py.)"""
+    from tiny_lm import byte_bpe_tokenizer, tiny_llama
+    monkeypatch.setenv("HOREN_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "smollm2_gguf", lambda **kw: tmp_path / "fake.gguf")
+    built = []
+
+    def fake_load_gguf(path, dtype, progress):
+        tok = byte_bpe_tokenizer()
+        lm = tiny_llama(len(tok), seed=len(built), eos_token_id=tok.eos_token_id)
+        built.append(lm)
+        return lm.to(dtype), tok
+
+    monkeypatch.setattr(models, "_load_gguf", fake_load_gguf)
+    first, tok = models._load_embedded(FAKE, torch.float32, False)
+    folder = tmp_path / "fake" / "hf-float32"
+    assert (folder / "model.safetensors").is_file() and len(built) == 1
+    again, tok2 = models._load_embedded(FAKE, torch.float64, False)
+    assert len(built) == 1 and again.dtype == torch.float64      # read from the folder
+    for (n, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a.double(), b), n
+    assert tok2("Watts Humphrey").input_ids == tok("Watts Humphrey").input_ids
+    (folder / "model.safetensors").write_bytes(b"damaged")
+    models._load_embedded(FAKE, torch.float32, False)
+    assert len(built) == 2 and (folder / "model.safetensors").stat().st_size > 100
+    assert _leftovers(folder.parent) == []
