@@ -142,7 +142,10 @@ def test_other_layouts_are_handled(isa):
 
 
 def test_thread_count_does_not_change_the_result():
-    keys, queries = case(41, 3000, 96, 20)
+    # large enough (2 N d B multiply-adds > 64M) for the kernel to split the keys across threads
+    g = torch.Generator().manual_seed(41)
+    keys = torch.nn.functional.normalize(torch.randn(40_000, 128, generator=g) + 2.0, dim=1)
+    queries = torch.cat([keys[:4] + 0.1 * torch.randn(4, 128, generator=g), torch.randn(4, 128, generator=g)])
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
