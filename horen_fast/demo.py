@@ -55,7 +55,10 @@ TEMPLATE = "Q: {question}\nA:"
 # paraphrases retrieve their own edit at final cosine 0.91-0.98, the unrelated questions reach at
 # most 0.82, so the paper's 0.85 separates them. Questions built on the same frame with another
 # subject ("What is the capital of Canada?") reach 0.98-0.99 with this small model and would take
-# the edit: the 60%-average query is dominated by the shared words.
+# the edit: the 60%-average query is dominated by the shared words. The tau calibrated on ZsRE
+# (horen_fast.calibrate, 0.735 for SmolLM2) suits ZsRE's locality prompts, which share no frame
+# with the edits; here, where every question shares the "Q: ... A:" frame, it lets 4 of the 6
+# unrelated questions take an edit, so the demo keeps 0.85.
 DEMO_THRESHOLD = 0.85
 
 
