@@ -12,9 +12,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-@functools.lru_cache(maxsize=1)
-def _keys(n: int, d: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Unit keys around one direction, pairwise cosine about 0.5, like MLP activations."""
+def anisotropic_keys(n: int, d: int) -> torch.Tensor:
+    """float32 unit keys around one direction, pairwise cosine about 0.5, like MLP activations."""
     g = torch.Generator().manual_seed(n * 31 + d)
     mu = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
     keys = torch.empty(n, d)
@@ -22,7 +21,12 @@ def _keys(n: int, d: int, dtype: torch.dtype, device: str) -> torch.Tensor:
         hi = min(n, lo + 4096)
         noise = torch.nn.functional.normalize(torch.randn(hi - lo, d, generator=g), dim=1)
         keys[lo:hi] = torch.nn.functional.normalize(0.5 ** 0.5 * mu + 0.5 ** 0.5 * noise, dim=1)
-    return keys.to(device=device, dtype=dtype)
+    return keys
+
+
+@functools.lru_cache(maxsize=1)
+def _keys(n: int, d: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return anisotropic_keys(n, d).to(device=device, dtype=dtype)
 
 
 def make_keys(n: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import horen_fast
-from bench.conftest import fits_in_memory, make_queries
+from bench.conftest import anisotropic_keys, fits_in_memory, make_queries
 from bench.published import published_retrieve
 
 pytestmark = pytest.mark.skipif("cpp" not in horen_fast.available_backends("cpu"),
@@ -38,23 +38,12 @@ def key_store():
     def get(n, d, dtype):
         if (n, d, dtype) not in store:
             if (n, d, torch.float32) not in store:
-                store[(n, d, torch.float32)] = _anisotropic(n, d)
+                store[(n, d, torch.float32)] = anisotropic_keys(n, d)
             store[(n, d, dtype)] = store[(n, d, torch.float32)].to(dtype)
         return store[(n, d, dtype)]
 
     yield get
     store.clear()
-
-
-def _anisotropic(n, d):
-    g = torch.Generator().manual_seed(n * 31 + d)
-    mu = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
-    keys = torch.empty(n, d)
-    for lo in range(0, n, 4096):  # in chunks, to bound temporary memory
-        hi = min(n, lo + 4096)
-        noise = torch.nn.functional.normalize(torch.randn(hi - lo, d, generator=g), dim=1)
-        keys[lo:hi] = torch.nn.functional.normalize(0.5 ** 0.5 * mu + 0.5 ** 0.5 * noise, dim=1)
-    return keys
 
 
 @pytest.mark.parametrize("kind", ["near", "far"])
