@@ -15,6 +15,19 @@ if "TRITON_INTERPRET" not in os.environ:
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models run faster on one torch thread (and do not stall on a busy 2-core machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 def pytest_report_header(config):
     import horen_fast

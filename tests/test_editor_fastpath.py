@@ -11,12 +11,7 @@ from horen_fast.config import HoReNConfig
 from horen_fast.editor import HoReNEditor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PROMPT, TARGET = "the capital of France is known as", "Rome Madrid Tokyo"

@@ -38,12 +38,7 @@ print(json.dumps({{"tokens": out.tolist(), "ids": ed.codebook.ids, "len": len(ed
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_save_load_round_trip_in_a_fresh_process(tmp_path):
