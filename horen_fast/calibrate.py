@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import EditRecord
+from .data import EditRecord, left_pad
 from .retrieval import final_scores
 
 __all__ = ["DEFAULTS", "recommended_config", "prompt_queries", "edit_label", "replay_codebook",
@@ -116,12 +116,7 @@ def prompt_queries(model, tokenizer, prompts: Sequence[str], layers: Sequence, s
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[r, width - len(ids[i]):] = 1
+            input_ids, mask = left_pad([ids[i] for i in rows], pad)
             captured.clear()
             try:
                 positions = (mask.cumsum(1) - 1).clamp(min=0)

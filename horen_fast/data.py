@@ -138,3 +138,16 @@ def read_records(path, n: int | None = None, require=ALL_FIELDS) -> list[EditRec
     if not objects:
         raise RecordsError(f"{path}: no records")
     return [parse_record(obj, f"{path}: record {i + 1}", require) for i, obj in enumerate(objects)]
+
+
+def left_pad(rows: list[list[int]], pad: int):
+    """(input_ids, attention_mask) LongTensors for token-id lists, padded on the left with ``pad``."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return input_ids, mask

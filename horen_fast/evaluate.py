@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from .data import EditRecord
+from .data import EditRecord, left_pad
 
 __all__ = ["target_accuracy", "locality_tokens", "locality_score", "overall", "generate_tokens",
            "locality_reference", "evaluate_records", "aggregate", "run_sequential", "write_report",
@@ -122,12 +122,7 @@ def generate_tokens(generator, tokenizer, prompts: Sequence[str], max_new: Seque
     out: list[tuple[list[int], list[int]] | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(ids[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
-            mask[r, width - len(ids[i]):] = 1
+        input_ids, mask = left_pad([ids[i] for i in rows], pad)
         steps = max(max_new[i] for i in rows)
         if steps == 0:
             for i in rows:
@@ -137,7 +132,7 @@ def generate_tokens(generator, tokenizer, prompts: Sequence[str], max_new: Seque
                                   max_new_tokens=steps, min_new_tokens=0, do_sample=False, num_beams=1,
                                   use_cache=True, pad_token_id=pad)
         seqs = getattr(seqs, "sequences", seqs)
-        new = seqs[:, width:].tolist()
+        new = seqs[:, input_ids.shape[1]:].tolist()
         for r, i in enumerate(rows):
             gen = new[r][: max_new[i]]
             for j, tok in enumerate(gen):
