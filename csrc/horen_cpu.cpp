@@ -545,12 +545,12 @@ private:
 
     int threads_for(int64_t rows) const {
         int nt = p_.nthreads > 0 ? p_.nthreads : 1;
-        // At least ~32M multiply-adds (a few milliseconds) per thread: below that, waking the
-        // threads and waiting for the slowest costs more than it saves on a busy machine, where a
-        // thread may wait a whole scheduler time slice (measured: 1.5 ms of work taking 16 ms with
-        // two threads on an oversubscribed 2-core host, against 1.5 ms with one).
+        // At least ~4M multiply-adds (about a millisecond) per thread: below that, waking the
+        // threads costs more than it saves. Measured on the quiet 2-core development machine, this
+        // threshold (rather than 32M) halves N=1K x 14336 and N=10K x 1536 at B=1. On an
+        // oversubscribed host a second thread can wait a whole scheduler time slice.
         int64_t work = 2 * p_.N * p_.d * std::max<int64_t>(1, rows);
-        int64_t useful = std::max<int64_t>(1, work / (32 << 20));
+        int64_t useful = std::max<int64_t>(1, work / (4 << 20));
         int64_t by_keys = std::max<int64_t>(1, p_.N / 4);
         return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(nt), useful, by_keys})));
     }
