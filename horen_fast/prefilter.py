@@ -48,11 +48,14 @@ import torch
 
 from .backends.torch_ref import normalize_queries
 from .retrieval import RetrievalParams, RetrievalResult, compute_dtype
+from .sketch import KeySketch
 
 __all__ = ["FaissPrefilter", "INDEX_KINDS", "prefiltered_retrieve"]
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
-_OPTIONS = {"nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "rebuild_fraction", "seed"}
+_OPTIONS = {"nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "rebuild_fraction", "seed",
+            "tail", "sketch_rank", "sketch_from", "sketch_candidates"}
+TAILS = ("sketch", "none")
 
 
 def _faiss():
@@ -109,11 +112,22 @@ class FaissPrefilter:
         self.safe, self.tolerance = safe, float(tolerance)
         self.options = options
         self.rebuild_fraction = float(options.get("rebuild_fraction", 0.25))
+        tail = options.get("tail", "none" if safe else "sketch")
+        if tail not in TAILS:
+            raise ValueError(f"prefilter option tail must be one of {', '.join(map(repr, TAILS))}, got {tail!r}")
+        if safe and tail != "none":
+            raise ValueError("safe=True certifies rows from the candidates alone; use tail='none' with it")
         self.device = torch.device(device)
         self._gpu = _gpu_faiss(self.device) if index != "hnsw" else None
         self._res = self._gpu.StandardGpuResources() if self._gpu is not None else None
         self.rebuilds = 0
         self._trained_at = 0        # live count when the IVF quantizer was last trained (0: flat)
+        self.sketch = None          # the tail model (horen_fast/sketch.py), labels as rows
+        if tail == "sketch":
+            self.sketch_candidates = int(options.get("sketch_candidates", candidates))
+            self.sketch = KeySketch(key_dim, int(options.get("sketch_rank", 32)),
+                                    fit_from=int(options.get("sketch_from", 1024)), device=self.device,
+                                    seed=int(options.get("seed", 1234)))
         self._reset()
 
     # ---- description ------------------------------------------------------------------------
@@ -140,6 +154,8 @@ class FaissPrefilter:
         limit = self.candidates if self.on_gpu else self.rebuild_fraction * max(self._ntotal, 1)
         if self.dead > max(limit, 0):
             return True
+        if self.sketch is not None and self.sketch.due(self.live):
+            return True
         return self.kind == "ivf" and self._due_training(self.live, self._trained_at)
 
     def _nlist(self, n: int) -> int:
@@ -158,6 +174,8 @@ class FaissPrefilter:
         self._label_id = np.empty(0, dtype=np.int64)   # label -> entry id, -1 dead
         self._label_of: dict[int, int] = {}             # entry id -> label
         self._bitmap = None                             # alive labels, packed (CPU searches)
+        if getattr(self, "sketch", None) is not None:
+            self.sketch.clear()
 
     def _new_flat(self):
         f = self.faiss
@@ -191,7 +209,9 @@ class FaissPrefilter:
 
     def rebuild(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
         """Start over from the codebook's live keys [N, d] and their ids [N] (drops dead labels;
-        trains or retrains an IVF quantizer when due)."""
+        trains or retrains an IVF quantizer, and fits the sketch's basis, when due)."""
+        if self.sketch is not None and self.sketch.due(keys.shape[0]):
+            self.sketch.fit(keys)
         host = _host_f32(keys)
         n = host.shape[0]
         trained_at, old = self._trained_at, self._index
@@ -202,13 +222,15 @@ class FaissPrefilter:
         elif trained_at > 0:
             old.reset()  # keeps the trained quantizer, drops every vector
             self._index, self._trained_at = old, trained_at
-        self._append(host, ids.detach().cpu().numpy().astype(np.int64).reshape(-1))
+        self._append(host, ids.detach().cpu().numpy().astype(np.int64).reshape(-1), keys)
         self.rebuilds += 1
 
-    def _append(self, host: np.ndarray, ids: np.ndarray) -> None:
+    def _append(self, host: np.ndarray, ids: np.ndarray, keys: torch.Tensor) -> None:
         n = host.shape[0]
         if n == 0:
             return
+        if self.sketch is not None:
+            self.sketch.append(keys)
         labels = np.arange(self._ntotal, self._ntotal + n, dtype=np.int64)
         if self.kind == "ivf" and self._trained_at > 0:
             self._index.add_with_ids(host, labels)
@@ -227,7 +249,7 @@ class FaissPrefilter:
         for i in ids.tolist():
             if i in self._label_of:
                 raise ValueError(f"entry id {i} is already indexed; remove it first")
-        self._append(_host_f32(keys), ids)
+        self._append(_host_f32(keys), ids, keys)
 
     def remove(self, ids) -> None:
         """Mark entries dead (their labels are skipped until the next rebuild)."""
@@ -238,6 +260,8 @@ class FaissPrefilter:
                 raise KeyError(f"entry id {int(i)} is not in the prefilter index")
             self._label_id[lab] = -1
             self._bitmap = None
+            if self.sketch is not None:
+                self.sketch.kill([lab])
 
     def update(self, entry_id: int, key: torch.Tensor) -> None:
         self.remove([entry_id])
@@ -264,10 +288,15 @@ class FaissPrefilter:
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Entry ids [B, k] of the nearest live keys by inner product (-1 padding)."""
+        return self.search_labels(queries, k)[0]
+
+    def search_labels(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(entry ids, index labels), both [B, k] with -1 padding, of the nearest live keys."""
         k = min(k, self.live)
         b = queries.shape[0]
         if k == 0 or b == 0:
-            return np.full((b, max(k, 0)), -1, dtype=np.int64)
+            empty = np.full((b, max(k, 0)), -1, dtype=np.int64)
+            return empty, empty.copy()
         if self.on_gpu:
             kk = min(self._ntotal, k + self.dead)  # a GPU index cannot skip labels: ask for more
             _, labels = self._index.search(queries, kk)
@@ -276,10 +305,12 @@ class FaissPrefilter:
             _, labels = self._index.search(queries, k, params=params)
             kk = k
         ids = np.where(labels >= 0, self._label_id[np.maximum(labels, 0)], -1)
+        labels = np.where(ids >= 0, labels, -1)
         if kk != k:  # drop dead labels, keep the order, then cut to k
             order = np.argsort(ids < 0, axis=1, kind="stable")
             ids = np.take_along_axis(ids, order, axis=1)[:, :k]
-        return ids
+            labels = np.take_along_axis(labels, order, axis=1)[:, :k]
+        return ids, labels
 
     def __repr__(self) -> str:
         where = "gpu" if self.on_gpu else "cpu"
@@ -290,12 +321,20 @@ class FaissPrefilter:
 def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: torch.Tensor,
                          prefilter: FaissPrefilter, params: RetrievalParams,
                          exact) -> RetrievalResult:
-    """HoReN retrieval over each row's candidates. Returns slots (positions in ``keys``) in
-    ``index``, like ``retrieve``; ``exact(queries_subset)`` answers rows safe mode rejects."""
+    """HoReN retrieval over each row's candidates, plus the sketch's model of the rest when the
+    prefilter has one. Returns slots (positions in ``keys``) in ``index``, like ``retrieve``;
+    ``exact(queries_subset)`` answers rows safe mode rejects."""
     n = keys.shape[0]
     dtype = compute_dtype(queries, keys)
     q, valid = normalize_queries(queries, dtype)
-    ids = prefilter.search(_host_f32(q), prefilter.candidates)
+    ids, labels = prefilter.search_labels(_host_f32(q), prefilter.candidates)
+    sketch = prefilter.sketch
+    labels_t = torch.from_numpy(labels).to(keys.device)
+    if sketch is not None and prefilter.sketch_candidates:  # the keys the index may have missed
+        more = sketch.nearest(q, prefilter.sketch_candidates, labels_t).cpu().numpy()
+        more_ids = np.where(more >= 0, prefilter._label_id[np.maximum(more, 0)], -1)
+        ids, labels = np.concatenate([ids, more_ids], 1), np.concatenate([labels, more], 1)
+        labels_t = torch.from_numpy(labels).to(keys.device)
     k = ids.shape[1]
     ids_t = torch.from_numpy(ids).to(keys.device)
     slots = torch.where(ids_t >= 0, slot_of_id[ids_t.clamp(min=0)], torch.full_like(ids_t, -1))
@@ -318,9 +357,19 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
         if prefilter.safe:
             top = s.max(dim=1).values
             certain &= outside * torch.exp(params.beta * (bound - top)) <= prefilter.tolerance
-        w = torch.softmax(params.beta * s, dim=1)
-        w = torch.where(present, w, torch.zeros_like(w))
-        r = torch.nn.functional.normalize(torch.bmm(w[:, None, :], kc)[:, 0], dim=1, eps=1e-30)
+        logits = params.beta * s
+        head_max = logits.max(dim=1).values
+        if sketch is not None:  # the keys outside the candidates, from the sketch
+            tail_log, tail_mean = sketch.tail(q, params.beta, labels_t)
+            top = torch.maximum(head_max, tail_log)
+        else:
+            top = head_max
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        w = torch.where(present, torch.exp(logits - top[:, None]), torch.zeros_like(logits))
+        total = torch.bmm(w[:, None, :], kc)[:, 0]
+        if sketch is not None:
+            total = total + torch.exp(tail_log - top)[:, None] * tail_mean
+        r = torch.nn.functional.normalize(total, dim=1, eps=1e-30)
         running = running & ((r - q).norm(dim=1) >= params.eps)
         raw = (1 - params.alpha) * q + params.alpha * r
         norm = raw.norm(dim=1)
@@ -333,7 +382,9 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
     best = c.max(dim=1).values
     big = torch.iinfo(torch.long).max
     slot = torch.where(present & (c == best[:, None]), slots, torch.full_like(slots, big)).min(dim=1).values
-    matched = valid & (best > params.threshold) & present.any(dim=1)
+    if sketch is not None:
+        best, slot = _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels_t, params.threshold)
+    matched = valid & (best > params.threshold) & (slot != big)
     index = torch.where(matched, slot, torch.full_like(slot, -1))
     score = torch.where(matched, best, torch.full_like(best, float("nan")))
     if prefilter.safe:
@@ -345,3 +396,20 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
             index = index.clone(); score = score.clone(); matched = matched.clone()
             index[rows], score[rows], matched[rows] = sub.index, sub.score.to(score.dtype), sub.matched
     return RetrievalResult(index=index, score=score, matched=matched)
+
+
+def _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels, threshold):
+    """Score exactly the keys outside the candidates that the sketch says might beat the best
+    candidate (and the threshold); return the updated (best cosine, slot) per row."""
+    floor = torch.where(valid, torch.clamp(best, min=threshold), torch.full_like(best, float("inf")))
+    rows, lab = prefilter.sketch.rescue(q, floor, labels)
+    if rows.numel() == 0:  # host sync: how many keys to rescore
+        return best, slot
+    ids = torch.from_numpy(prefilter._label_id[lab.cpu().numpy()]).to(keys.device)
+    s = slot_of_id[ids]
+    val = (keys[s].to(q.dtype) * q[rows]).sum(1)
+    new_best = best.scatter_reduce(0, rows, val, "amax")
+    big = torch.iinfo(torch.long).max
+    kept = torch.where(new_best == best, slot, torch.full_like(slot, big))  # a candidate still ties
+    at_best = torch.where(val == new_best[rows], s, torch.full_like(s, big))
+    return new_best, torch.minimum(kept, torch.full_like(slot, big).scatter_reduce(0, rows, at_best, "amin"))

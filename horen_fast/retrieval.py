@@ -109,7 +109,8 @@ def empty_result(batch: int, device, dtype) -> RetrievalResult:
 
 
 def _load_builtin_backends() -> None:
-    if "torch" in _BACKENDS:
+    # every builtin, not just "torch": importing torch_ref alone (the prefilter does) registers it
+    if {"torch", "cpp", "triton"} <= _BACKENDS.keys():
         return
     from .backends import torch_ref  # noqa: F401  (registers "torch")
     from .backends import cpp  # noqa: F401  (registers "cpp")

@@ -1,0 +1,204 @@
+"""The prefilter's key sketch: its tail model against float64 sums, its bounds, its upkeep."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from horen_fast.sketch import KeySketch
+from horen_fast.synthetic import ActivationModel
+
+faiss = pytest.importorskip("faiss")
+
+from horen_fast import Codebook  # noqa: E402
+
+
+def _exact_tail(q, keys, beta, exclude):
+    """float64 (log sum of weights, weighted mean key) over the keys not in ``exclude`` per row."""
+    q, keys = q.double(), keys.double()
+    logits = beta * q @ keys.T
+    for b in range(q.shape[0]):
+        logits[b, exclude[b][exclude[b] >= 0]] = float("-inf")
+    log_z = torch.logsumexp(logits, dim=1)
+    return log_z, torch.softmax(logits, dim=1) @ keys
+
+
+def _model_keys(n, d=256, rank=16, seed=0):
+    model = ActivationModel.anisotropic(d=d, rank=rank, seed=seed)
+    return model, model.keys(n, seed=seed + 1)
+
+
+def _filled(keys, rank, fit=True):
+    sk = KeySketch(keys.shape[1], rank, fit_from=1 if fit else 10**9)
+    if fit:
+        sk.fit(keys)
+    sk.append(keys)
+    return sk
+
+
+def test_identity_basis_gives_the_exact_tail():
+    _, keys = _model_keys(600, d=64)
+    sk = _filled(keys, 8, fit=False)
+    assert sk.basis is None
+    q = torch.nn.functional.normalize(torch.randn(5, 64), dim=1)
+    exclude = torch.stack([torch.randperm(600)[:7] for _ in range(5)])
+    exclude[0, :3] = -1
+    log_z, mean = sk.tail(q.double(), 20.0, exclude)
+    want_z, want_mean = _exact_tail(q, keys, 20.0, exclude)
+    torch.testing.assert_close(log_z, want_z, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [5.0, 20.0])
+def test_fitted_tail_models_the_bulk(beta):
+    """Keys drawn as mean + low rank + noise: the rank-32 sketch's tail (candidates excluded)
+    points where the exact tail does and weighs about as much."""
+    model, keys = _model_keys(20000)
+    sk = _filled(keys, 32)
+    q = torch.cat([model.paraphrases(keys[:20], seed=3), model.unrelated(20, seed=4)])
+    exclude = (q @ keys.T).topk(64, dim=1).indices
+    log_z, mean = sk.tail(q, beta, exclude)
+    want_z, want_mean = _exact_tail(q, keys, beta, exclude)
+    cos = torch.nn.functional.cosine_similarity(mean.double(), want_mean, dim=1)
+    assert cos.min() > 0.999, cos.min()
+    assert ((log_z.double() - want_z).abs() < 0.1).all(), (log_z.double() - want_z).abs().max()
+    assert (mean.norm(dim=1).double() / want_mean.norm(dim=1) - 1).abs().max() < 0.02
+
+
+def test_a_plain_low_rank_tail_is_not_enough():
+    """Without the residual terms (Stein's lemma) the same sketch is measurably worse: the
+    corrections are doing work, not decoration."""
+    model, keys = _model_keys(20000)
+    sk = _filled(keys, 24)
+    q = model.unrelated(20, seed=5)
+    exclude = torch.full((20, 1), -1)
+    log_z, mean = sk.tail(q, 20.0, exclude)
+    want_z, want = _exact_tail(q, keys, 20.0, exclude)
+    energy, sk._energy = sk._energy, torch.zeros_like(sk._energy)
+    plain_z, plain = sk.tail(q, 20.0, exclude)
+    sk._energy = energy
+    err = lambda m: (1 - torch.nn.functional.cosine_similarity(m.double(), want, dim=1)).mean()  # noqa: E731
+    assert err(mean) < 0.75 * err(plain), (err(mean), err(plain))
+    z_err = lambda z: (z.double() - want_z).abs().max()  # noqa: E731
+    assert z_err(log_z) < 0.5 * z_err(plain_z), (z_err(log_z), z_err(plain_z))
+
+
+def test_rescue_returns_every_key_that_can_pass_the_floor():
+    model, keys = _model_keys(5000)
+    sk = _filled(keys, 16)
+    q = torch.cat([model.paraphrases(keys[:30], seed=6), model.unrelated(10, seed=7)])
+    exclude = torch.full((40, 2), -1)
+    exclude[:30, 0] = torch.arange(30)           # each paraphrase's own key is a candidate
+    cos = q @ keys.T
+    floor = cos.topk(4, dim=1).values[:, 3] - 0.01
+    rows, labels = sk.rescue(q, floor, exclude)
+    got = set(zip(rows.tolist(), labels.tolist()))
+    for b in range(40):
+        need = (cos[b] > floor[b]).nonzero()[:, 0].tolist()
+        for j in need:
+            assert (b, j) in got or j in exclude[b].tolist()
+    assert all(j not in exclude[b].tolist() for b, j in got)
+
+
+def test_nearest_skips_excluded_and_dead_labels():
+    _, keys = _model_keys(3000)
+    sk = _filled(keys, 16)
+    q = keys[:4].clone()
+    sk.kill([1])
+    near = sk.nearest(q, 5, torch.tensor([[0], [-1], [-1], [-1]]))
+    assert near.shape == (4, 5)
+    assert 0 not in near[0].tolist() and 1 not in near[1].tolist()
+    assert near[2, 0].item() == 2 and near[3, 0].item() == 3  # a key bounds itself highest
+    few = _filled(keys[:3], 16, fit=False)
+    assert few.nearest(q, 5, torch.full((4, 1), -1))[0].tolist()[3:] == [-1, -1]
+
+
+def test_rows_grow_in_place_and_follow_the_basis():
+    _, keys = _model_keys(3000)
+    sk = KeySketch(256, 16, fit_from=2000)
+    assert sk.fit_from == 2000 and not sk.due(1999) and sk.due(2000)
+    caps = set()
+    for lo in range(0, 1500, 100):
+        sk.append(keys[lo: lo + 100])
+        caps.add(sk._rows.shape[0])
+    assert sk.count == 1500 and len(caps) <= 2  # doubling, not a copy per append
+    torch.testing.assert_close(sk._rows[:1500], keys[:1500])  # identity basis: the keys
+    sk.fit(keys)
+    sk.clear()
+    sk.append(keys)
+    torch.testing.assert_close(sk._rows[:3000], keys @ sk.basis)
+    assert not sk.due(11999) and sk.due(12000)
+    with pytest.raises(ValueError, match="sketch_rank"):
+        KeySketch(8, 0)
+
+
+def _codebook_with(keys, **options):
+    cb = Codebook(keys.shape[1], 1, backend="torch", prefilter="faiss", index="ivf", candidates=16,
+                  prefilter_options={"nlist": 64, "nprobe": 1, **options})
+    cb.add(keys, torch.zeros(keys.shape[0], 1))
+    return cb
+
+
+def test_sketch_fixes_what_a_poor_index_gets_wrong():
+    """An IVF index probing 1 list of 64 with 16 candidates: alone it misses; with the sketch's
+    tail, nearest keys and rescue, decisions agree with exact retrieval."""
+    model = ActivationModel.anisotropic(d=128, rank=16, seed=2)
+    keys = model.keys(8000, seed=3)
+    q = torch.cat([model.paraphrases(keys[:300], seed=4), model.unrelated(100, seed=5)])
+    cb = _codebook_with(keys)
+    exact = cb.retrieve(q, exact=True, threshold=0.8)
+    assert exact.matched[:300].float().mean() > 0.3
+    agree = (cb.retrieve(q, threshold=0.8).index == exact.index).float().mean().item()
+    bare = _codebook_with(keys, tail="none")
+    alone = (bare.retrieve(q, threshold=0.8).index == exact.index).float().mean().item()
+    assert agree >= 0.99 and alone < 0.95, (agree, alone)
+
+
+def test_sketch_rows_follow_adds_removes_updates_and_files(tmp_path):
+    model = ActivationModel.anisotropic(d=64, rank=8, seed=6)
+    pool = model.keys(3000, seed=7)
+    cb = Codebook(64, 1, backend="torch", prefilter="faiss", index="flat", candidates=8,
+                  prefilter_options={"sketch_from": 500, "sketch_rank": 8})
+    rng = np.random.default_rng(0)
+    used = 0
+    for _ in range(10):
+        n = int(rng.integers(50, 300))
+        cb.add(pool[used: used + n], torch.zeros(n, 1))
+        used += n
+        gone = rng.choice(cb.ids, size=len(cb) // 5, replace=False)
+        cb.remove(gone.tolist())
+        cb.update(cb.ids[0], key=torch.randn(64))
+        _check_sketch(cb)
+    assert cb.prefilter.sketch.basis is not None
+    cb.save(tmp_path / "cb.safetensors")
+    back = Codebook.load(tmp_path / "cb.safetensors")
+    assert back.prefilter.settings() == cb.prefilter.settings()
+    _check_sketch(back)
+
+
+def _check_sketch(cb):
+    pf, sk = cb.prefilter, cb.prefilter.sketch
+    assert sk.count == pf._ntotal
+    alive = sk._alive[: sk.count].numpy()
+    assert np.array_equal(alive, pf._label_id >= 0)
+    labels = torch.tensor([pf._label_of[i] for i in cb.ids])
+    want = cb.keys if sk.basis is None else cb.keys @ sk.basis
+    torch.testing.assert_close(sk._rows[labels], want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_tail_options_are_rejected():
+    with pytest.raises(ValueError, match="tail must be"):
+        Codebook(8, 2, prefilter="faiss", prefilter_options={"tail": "gauss"})
+    with pytest.raises(ValueError, match="safe=True"):
+        Codebook(8, 2, prefilter="faiss", safe=True, prefilter_options={"tail": "sketch"})
+    assert Codebook(8, 2, prefilter="faiss", safe=True).prefilter.sketch is None
+
+
+def test_importing_the_prefilter_first_keeps_the_cpp_backend():
+    """prefilter.py imports the torch reference, which registers itself; the registry must still
+    load the compiled backend afterwards."""
+    code = ("import horen_fast.prefilter\nfrom horen_fast.retrieval import available_backends\n"
+            "from horen_fast.backends import cpp\nprint(('cpp' in available_backends()) == (cpp._C is not None))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", out.stderr
