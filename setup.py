@@ -38,13 +38,22 @@ class OptionalBuildExt(build_ext):
 
 
 ext_modules = []
-if Pybind11Extension is not None and os.path.exists("csrc/horen_cpu.cpp"):
+if Pybind11Extension is not None and os.path.exists("csrc/horen_cpu.cpp") and os.path.exists("csrc/sketch_cpu.cpp"):
     ParallelCompile("NPY_NUM_BUILD_JOBS", default=2).install()
     ext_modules.append(
         Pybind11Extension(
             "horen_fast._C",
             ["csrc/horen_cpu.cpp"],
             extra_compile_args=["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
+            extra_link_args=["-fopenmp"],
+            cxx_std=17,
+        )
+    )
+    ext_modules.append(
+        Pybind11Extension(
+            "horen_fast._sketch",
+            ["csrc/sketch_cpu.cpp"],
+            extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
             cxx_std=17,
         )

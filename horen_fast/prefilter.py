@@ -54,7 +54,7 @@ __all__ = ["FaissPrefilter", "INDEX_KINDS", "prefiltered_retrieve"]
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _OPTIONS = {"nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "rebuild_fraction", "seed",
-            "tail", "sketch_rank", "sketch_from", "sketch_candidates"}
+            "tail", "sketch_rank", "sketch_from", "sketch_candidates", "rescue"}
 TAILS = ("sketch", "none")
 
 
@@ -125,7 +125,8 @@ class FaissPrefilter:
         self.sketch = None          # the tail model (horen_fast/sketch.py), labels as rows
         if tail == "sketch":
             self.sketch_candidates = int(options.get("sketch_candidates", candidates))
-            self.sketch = KeySketch(key_dim, int(options.get("sketch_rank", 32)),
+            self.rescue = bool(options.get("rescue", True))
+            self.sketch = KeySketch(key_dim, int(options.get("sketch_rank", 128)),
                                     fit_from=int(options.get("sketch_from", 1024)), device=self.device,
                                     seed=int(options.get("seed", 1234)))
         self._reset()
@@ -330,8 +331,10 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
     ids, labels = prefilter.search_labels(_host_f32(q), prefilter.candidates)
     sketch = prefilter.sketch
     labels_t = torch.from_numpy(labels).to(keys.device)
-    if sketch is not None and prefilter.sketch_candidates:  # the keys the index may have missed
-        more = sketch.nearest(q, prefilter.sketch_candidates, labels_t).cpu().numpy()
+    first_tail = None
+    if sketch is not None:  # the tail at q_0, and the keys the index may have missed
+        *first_tail, more = sketch.scan(q, params.beta, labels_t, prefilter.sketch_candidates)
+        more = more.cpu().numpy()
         more_ids = np.where(more >= 0, prefilter._label_id[np.maximum(more, 0)], -1)
         ids, labels = np.concatenate([ids, more_ids], 1), np.concatenate([labels, more], 1)
         labels_t = torch.from_numpy(labels).to(keys.device)
@@ -352,7 +355,7 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
     bound = torch.where(present.all(dim=1), cos(q).min(dim=1).values, inf) if prefilter.safe else None
     outside = float(n - k)
     running = valid.clone()
-    for _ in range(params.steps):
+    for step_no in range(params.steps):
         s = cos(q)
         if prefilter.safe:
             top = s.max(dim=1).values
@@ -360,7 +363,8 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
         logits = params.beta * s
         head_max = logits.max(dim=1).values
         if sketch is not None:  # the keys outside the candidates, from the sketch
-            tail_log, tail_mean = sketch.tail(q, params.beta, labels_t)
+            tail_log, tail_mean = (first_tail if step_no == 0 else
+                                   sketch.scan(q, params.beta, labels_t)[:2])
             top = torch.maximum(head_max, tail_log)
         else:
             top = head_max
@@ -382,7 +386,7 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
     best = c.max(dim=1).values
     big = torch.iinfo(torch.long).max
     slot = torch.where(present & (c == best[:, None]), slots, torch.full_like(slots, big)).min(dim=1).values
-    if sketch is not None:
+    if sketch is not None and prefilter.rescue:
         best, slot = _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels_t, params.threshold)
     matched = valid & (best > params.threshold) & (slot != big)
     index = torch.where(matched, slot, torch.full_like(slot, -1))
@@ -407,7 +411,8 @@ def _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels, threshold
         return best, slot
     ids = torch.from_numpy(prefilter._label_id[lab.cpu().numpy()]).to(keys.device)
     s = slot_of_id[ids]
-    val = (keys[s].to(q.dtype) * q[rows]).sum(1)
+    val = torch.cat([(keys[s[i: i + 32768]].to(q.dtype) * q[rows[i: i + 32768]]).sum(1)  # bounded memory
+                     for i in range(0, s.numel(), 32768)])
     new_best = best.scatter_reduce(0, rows, val, "amax")
     big = torch.iinfo(torch.long).max
     kept = torch.where(new_best == best, slot, torch.full_like(slot, big))  # a candidate still ties

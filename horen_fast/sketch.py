@@ -37,15 +37,25 @@ from __future__ import annotations
 
 import torch
 
+try:  # the fused CPU scan (csrc/sketch_cpu.cpp); the torch code below is its reference
+    from . import _sketch as _native
+except ImportError:  # not built: the torch code runs instead
+    _native = None
+
 __all__ = ["KeySketch"]
 
-_SLACK = 1e-4  # added to every bound: float32 rounding of the rows and of the exact scores
+# added to every bound: the rounding of float32 rows (the identity basis), or of bfloat16 rows and
+# products (a fitted basis: relative error 2**-8 on each side of a cosine at most 1)
+_SLACK = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
 class KeySketch:
-    """Label-aligned sketch rows [L, r] with residual energies [L] and an alive mask."""
+    """Label-aligned sketch rows [L, r] with residual energies [L] and an alive mask.
 
-    def __init__(self, key_dim: int, rank: int = 32, *, fit_from: int = 1024,
+    Rows are float32 while the basis is the identity and bfloat16 once it is fitted (half the
+    bytes per pass; the bounds carry the rounding in ``slack``)."""
+
+    def __init__(self, key_dim: int, rank: int = 128, *, fit_from: int = 1024,
                  device: torch.device | str = "cpu", seed: int = 1234):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"sketch_rank must be a positive integer, got {rank!r}")
@@ -59,7 +69,9 @@ class KeySketch:
     def clear(self) -> None:
         """Drop every row (the basis is kept)."""
         width = self.key_dim if self.basis is None else self.rank
-        self._rows = torch.empty(0, width, device=self.device)
+        dtype = torch.float32 if self.basis is None else torch.bfloat16
+        self._rows = torch.empty(0, width, dtype=dtype, device=self.device)
+        self.slack = _SLACK[dtype]
         self._energy = torch.empty(0, device=self.device)
         self._alive = torch.empty(0, dtype=torch.bool, device=self.device)
         self.count = 0
@@ -77,10 +89,11 @@ class KeySketch:
         g = torch.Generator().manual_seed(self.seed)
         take = min(n, max(8192, 8 * self.rank))
         rows = torch.randperm(n, generator=g)[:take].to(keys.device) if take < n else slice(None)
-        sample = keys[rows].to(self.device, torch.float32)
-        torch.manual_seed(self.seed)  # svd_lowrank draws its test matrix from the global generator
-        _, _, v = torch.svd_lowrank(sample, q=min(self.rank + 16, *sample.shape), niter=4)
-        self.basis = v[:, : self.rank].contiguous()
+        sample = keys[rows].to("cpu", torch.float32)  # small; fitted on the host
+        with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global generator
+            torch.manual_seed(self.seed)
+            _, _, v = torch.svd_lowrank(sample, q=min(self.rank + 16, *sample.shape), niter=4)
+        self.basis = v[:, : self.rank].contiguous().to(self.device)
         self.fitted_at = n
         self.clear()
 
@@ -135,64 +148,117 @@ class KeySketch:
         logits[rows, labels[rows, cols] - lo] = float("-inf")
         return logits
 
-    def tail(self, q: torch.Tensor, beta: float, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The softmax mass of every alive key outside ``exclude`` (labels [B, k], -1 ignored):
-        (log of the summed weight [B], weighted key sum [B, d] divided by that weight). A row with
-        nothing outside gets (-inf, 0)."""
+    def _native_ok(self, q: torch.Tensor) -> bool:
+        return (_native is not None and q.device.type == "cpu" and q.dtype == torch.float32
+                and self._rows.dtype == torch.bfloat16)
+
+    def _native_args(self, q: torch.Tensor, exclude: torch.Tensor):
         qp, perp, perp2 = self._split(q)
+        excl = torch.where(exclude >= 0, exclude, self.count).sort(dim=1).values.contiguous()
+        return qp.contiguous(), perp, perp2, excl
+
+    def scan(self, q: torch.Tensor, beta: float, exclude: torch.Tensor,
+             nearest: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass over the rows for unit queries q [B, d] (float32 or float64).
+
+        Returns (log_z [B], mean [B, d], near [B, nearest]): ``near`` holds, per row, the labels of
+        the ``nearest`` alive keys outside ``exclude`` (labels [B, k], -1 ignored) with the largest
+        bounds u_i (-1 where there are fewer); ``log_z`` and ``mean`` are the log of the summed
+        softmax weight and the weighted mean key of every other alive key (outside ``exclude`` and
+        ``near``); a row with nothing left gets (-inf, 0)."""
+        if self._native_ok(q):
+            return self._scan_native(q, beta, exclude, nearest)
+        return self._scan_torch(q, beta, exclude, nearest)
+
+    def _finish(self, q, perp, beta, run_max, run_z, run_y, run_v):
+        """(log_z, mean) from the tail's sums (weights relative to exp(run_max))."""
         dtype = q.dtype
-        run_max = torch.full((q.shape[0],), float("-inf"), dtype=dtype, device=q.device)
-        run_z = torch.zeros(q.shape[0], dtype=dtype, device=q.device)
+        z = run_z.clamp(min=torch.finfo(dtype).tiny)
+        mean = run_y / z[:, None]
+        if self.basis is not None:
+            spread = 1.0 / max(self.key_dim - self.rank, 1)
+            mean = mean @ self.basis.to(dtype).T + beta * (spread * run_v / z)[:, None] * perp
+        log_z = torch.where(run_z > 0, run_max + torch.log(z), torch.full_like(z, float("-inf")))
+        return log_z, mean
+
+    def _scan_native(self, q, beta, exclude, nearest):
+        qp, perp, perp2, excl = self._native_args(q, exclude)
+        b, r, n = q.shape[0], self._rows.shape[1], self.count
+        spread = 1.0 / max(self.key_dim - self.rank, 1)
+        cvar = (0.5 * beta * beta * spread * perp2).contiguous()
+        norm = perp2.sqrt().contiguous()
+        run_max, run_z, run_v = (torch.empty(b) for _ in range(3))
+        run_y = torch.empty(b, r)
+        near = torch.empty(b, nearest, dtype=torch.long)
+        near_u = torch.empty(b, nearest)
+        _native.scan(qp.data_ptr(), norm.data_ptr(), cvar.data_ptr(), self._rows.data_ptr(),
+                     self._energy.data_ptr(), self._alive.data_ptr(), excl.data_ptr(), b, r, n,
+                     excl.shape[1], nearest, float(beta), torch.get_num_threads(), run_max.data_ptr(),
+                     run_z.data_ptr(), run_y.data_ptr(), run_v.data_ptr(), near.data_ptr(), near_u.data_ptr())
+        return (*self._finish(q, perp, beta, run_max, run_z, run_y, run_v), near)
+
+    def _scan_torch(self, q, beta, exclude, nearest):
+        qp, perp, perp2 = self._split(q)
+        b, dtype = q.shape[0], q.dtype
+        run_max = torch.full((b,), float("-inf"), dtype=dtype, device=q.device)
+        run_z = torch.zeros(b, dtype=dtype, device=q.device)
         run_y = torch.zeros_like(qp)
-        run_v = torch.zeros(q.shape[0], dtype=dtype, device=q.device)
+        run_v = torch.zeros(b, dtype=dtype, device=q.device)
+        top_u = torch.full((b, 0), float("-inf"), dtype=dtype, device=q.device)
+        near = torch.empty(b, 0, dtype=torch.long, device=q.device)
         half = 0.5 * beta * beta * perp2[:, None]
         spread = 1.0 / max(self.key_dim - self.rank, 1)  # per direction outside the basis
-        for lo, hi in self._chunks(q.shape[0]):
+        for lo, hi in self._chunks(b):  # rows widened to the queries' dtype: exact products
             y = self._rows[lo:hi].to(dtype)
-            v = self._energy[lo:hi].to(dtype) * spread
-            logits = self._excluded(lo, hi, exclude, beta * (qp @ y.T) + half * v[None, :])
+            e = self._energy[lo:hi].to(dtype)
+            s = qp @ y.T
+            logits = self._excluded(lo, hi, exclude, beta * s + half * (e * spread)[None, :])
+            if nearest:
+                upper = torch.where(torch.isfinite(logits), s + perp2.sqrt()[:, None] * e.sqrt()[None, :],
+                                    logits)
+                val, col = upper.topk(min(nearest, hi - lo), dim=1)
+                top_u, pick = torch.cat([top_u, val], 1).topk(min(nearest, top_u.shape[1] + val.shape[1]), dim=1)
+                near = torch.cat([near, col + lo], 1).gather(1, pick)
             m = torch.maximum(run_max, logits.max(1).values)
             shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             w = torch.exp(logits - shift[:, None])
             keep = torch.exp(run_max - shift)  # rescale what came before to the new maximum
             run_z = run_z * keep + w.sum(1)
             run_y = run_y * keep[:, None] + w @ y
-            run_v = run_v * keep + w @ v
+            run_v = run_v * keep + w @ e
             run_max = m
-        z = run_z.clamp(min=torch.finfo(dtype).tiny)
-        mean = run_y / z[:, None]
-        if self.basis is not None:
-            mean = mean @ self.basis.to(dtype).T + beta * (run_v / z)[:, None] * perp
-        log_z = torch.where(run_z > 0, run_max + torch.log(z), torch.full_like(z, float("-inf")))
-        return log_z, mean
+        near = torch.where(torch.isfinite(top_u), near, torch.full_like(near, -1))
+        if near.shape[1]:  # take the near keys' terms back out: they join the exact head
+            got = near >= 0
+            y = self._rows[near.clamp(min=0)].to(dtype)                         # [B, k, r]
+            e = self._energy[near.clamp(min=0)].to(dtype)
+            s = torch.bmm(qp[:, None, :], y.transpose(1, 2))[:, 0]
+            shift = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
+            w = torch.where(got, torch.exp(beta * s + half * spread * e - shift[:, None]), torch.zeros_like(s))
+            run_z = (run_z - w.sum(1)).clamp(min=0.0)
+            run_y = run_y - torch.bmm(w[:, None, :], y)[:, 0]
+            run_v = run_v - (w * e).sum(1)
+        if near.shape[1] < nearest:
+            near = torch.cat([near, near.new_full((b, nearest - near.shape[1]), -1)], 1)
+        return (*self._finish(q, perp, beta, run_max, run_z, run_y, run_v), near)
 
     def _upper(self, lo: int, hi: int, qp: torch.Tensor, perp: torch.Tensor, exclude: torch.Tensor):
         """Cauchy-Schwarz bounds u_i on q . k_i [B, hi - lo], -inf at dead and excluded labels."""
         y = self._rows[lo:hi].to(qp.dtype)
         upper = qp @ y.T + perp[:, None] * self._energy[lo:hi].to(qp.dtype).sqrt()[None, :]
-        return self._excluded(lo, hi, exclude, upper + _SLACK)
-
-    def nearest(self, q: torch.Tensor, k: int, exclude: torch.Tensor) -> torch.Tensor:
-        """Labels [B, k] of each row's alive keys with the largest bounds u_i, outside
-        ``exclude`` (-1 where there are fewer)."""
-        qp, _, perp2 = self._split(q)
-        perp = perp2.sqrt()
-        b = q.shape[0]
-        best = torch.full((b, 0), float("-inf"), dtype=q.dtype, device=q.device)
-        labels = torch.empty(b, 0, dtype=torch.long, device=q.device)
-        for lo, hi in self._chunks(b):
-            upper = self._upper(lo, hi, qp, perp, exclude)
-            val, col = upper.topk(min(k, hi - lo), dim=1)
-            best, pick = torch.cat([best, val], 1).topk(min(k, best.shape[1] + val.shape[1]), dim=1)
-            labels = torch.cat([labels, col + lo], 1).gather(1, pick)
-        labels = torch.where(torch.isfinite(best), labels, torch.full_like(labels, -1))
-        if labels.shape[1] < k:
-            labels = torch.cat([labels, labels.new_full((b, k - labels.shape[1]), -1)], 1)
-        return labels
+        return self._excluded(lo, hi, exclude, upper + self.slack)
 
     def rescue(self, q: torch.Tensor, floor: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, label) pairs of every alive key outside ``exclude`` whose cosine with q might
         exceed ``floor`` [B]: u_i > floor."""
+        if self._native_ok(q):
+            qp, _, perp2, excl = self._native_args(q, exclude)
+            norm, floor = perp2.sqrt().contiguous(), floor.float().contiguous()
+            rows, labels = _native.rescue(qp.data_ptr(), norm.data_ptr(), self._rows.data_ptr(),
+                                          self._energy.data_ptr(), self._alive.data_ptr(), excl.data_ptr(),
+                                          floor.data_ptr(), q.shape[0], self._rows.shape[1], self.count,
+                                          excl.shape[1], self.slack, torch.get_num_threads())
+            return torch.from_numpy(rows), torch.from_numpy(labels)
         qp, _, perp2 = self._split(q)
         perp = perp2.sqrt()
         rows, labels = [], []
@@ -206,7 +272,7 @@ class KeySketch:
         return torch.cat(rows), torch.cat(labels)
 
     def nbytes(self) -> int:
-        return self.count * (self._rows.shape[1] + 2) * 4
+        return self.count * (self._rows.shape[1] * self._rows.element_size() + 5)
 
     def __repr__(self) -> str:
         basis = "identity" if self.basis is None else f"rank {self.rank}, fitted at {self.fitted_at}"
