@@ -6,12 +6,28 @@ asks the index for each query's k nearest keys, and runs the damped Hopfield ste
 scoring over those k keys only (with the keys' exact values from the codebook, not the index's
 approximate scores).
 
-This is an approximation (SPEC 3): the softmax of the Hopfield step runs over the candidates only,
-while the exact one runs over every key, and with anisotropic keys at beta = 20 the keys outside
-the top k carry real weight. Measure it as decisions (matched, index) that agree with exact
-retrieval (bench/bench_prefilter.py), not as recall.
+The candidates alone are a poor approximation (SPEC 3): the exact softmax runs over every key, and
+with anisotropic keys at beta = 20 the keys outside the top k carry most of its mass; an IVF index
+also misses some of the keys nearest the query. So by default (``tail="sketch"``) the prefilter
+keeps a low-rank sketch of every key (horen_fast/sketch.py) and, in one pass over it per step:
+- adds each row's ``sketch_candidates`` keys of highest Cauchy-Schwarz bound to its exact set
+  (the keys the index may have missed);
+- models the softmax mass of every other key (log weight and weighted mean key) and adds it to
+  the exact candidates' part of the Hopfield step;
+- after the step, rescores exactly every key whose bound can still beat the best final cosine or
+  pass the threshold (``rescue``, on by default), so the final decision is exact for the refined
+  query.
+``tail="none"`` is the candidates alone. Either way it is an approximation: measure it as
+decisions (matched, index) that agree with exact retrieval (bench/bench_prefilter.py), not as
+recall.
 
-``safe=True`` certifies each row or answers it exactly. It needs an exact candidate search
+Options (``prefilter_options``): ``tail`` ("sketch" or "none"), ``sketch_rank`` (128),
+``tail_rank`` (64: the coarse part of the sketch, which the tail model reads),
+``sketch_candidates`` (= ``candidates``), ``sketch_from`` (1024: the basis is the identity, and the
+tail exact, below this many keys), ``rescue`` (True); index tuning: ``nlist``, ``nprobe``,
+``hnsw_m``, ``ef_search``, ``ef_construction``, ``rebuild_fraction``, ``seed``.
+
+``safe=True`` (which takes ``tail="none"``) certifies each row or answers it exactly. It needs an exact candidate search
 (``index="flat"``), so that the k-th candidate's cosine s_k bounds every key outside the
 candidates. A row is kept when, at every Hopfield step t, the softmax mass outside the candidates,
 relative to the largest term, is at most ``(N - k) * exp(beta * (u_t - m_t)) <= tolerance`` (u_t:
@@ -31,7 +47,8 @@ on the GPU), and the index is rebuilt from the codebook's live keys once dead la
 ``rebuild_fraction`` of the index (on the GPU: once they pass ``candidates``). ``ivf`` searches a
 flat index until the codebook holds ``max(256, 39 * nlist)`` keys, then trains its coarse
 quantizer on a sample of the keys, and trains again whenever the codebook has grown 4x since.
-The index is never saved: ``Codebook.load`` rebuilds it from the saved keys.
+The index is never saved: ``Codebook.load`` rebuilds it from the saved keys. The sketch's rows
+follow the same labels (a dead label gets no weight) and are rebuilt with the index.
 
 Devices. On a CUDA codebook, with a FAISS build that has GPU support, ``flat`` and ``ivf`` search on
 the GPU through FAISS's GPU resources; ``hnsw`` (and everything when FAISS is CPU-only) runs on the
@@ -54,7 +71,7 @@ __all__ = ["FaissPrefilter", "INDEX_KINDS", "prefiltered_retrieve"]
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _OPTIONS = {"nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "rebuild_fraction", "seed",
-            "tail", "sketch_rank", "sketch_from", "sketch_candidates", "rescue"}
+            "tail", "sketch_rank", "tail_rank", "sketch_from", "sketch_candidates", "rescue"}
 TAILS = ("sketch", "none")
 
 
@@ -124,9 +141,16 @@ class FaissPrefilter:
         self._trained_at = 0        # live count when the IVF quantizer was last trained (0: flat)
         self.sketch = None          # the tail model (horen_fast/sketch.py), labels as rows
         if tail == "sketch":
-            self.sketch_candidates = int(options.get("sketch_candidates", candidates))
-            self.rescue = bool(options.get("rescue", True))
-            self.sketch = KeySketch(key_dim, int(options.get("sketch_rank", 128)),
+            self.sketch_candidates = options.get("sketch_candidates", candidates)
+            if isinstance(self.sketch_candidates, bool) or not isinstance(self.sketch_candidates, int) \
+                    or self.sketch_candidates < 0:
+                raise ValueError(f"sketch_candidates must be an integer >= 0 (keys the sketch adds to "
+                                 f"each row's candidates), got {self.sketch_candidates!r}")
+            self.rescue = options.get("rescue", True)
+            if not isinstance(self.rescue, bool):
+                raise TypeError(f"prefilter option rescue must be True or False, got {self.rescue!r}")
+            self.sketch = KeySketch(key_dim, options.get("sketch_rank", 128),
+                                    tail_rank=options.get("tail_rank", 64),
                                     fit_from=int(options.get("sketch_from", 1024)), device=self.device,
                                     seed=int(options.get("seed", 1234)))
         self._reset()

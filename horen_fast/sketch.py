@@ -1,36 +1,38 @@
 """A low-rank sketch of every key, for the part of HoReN's softmax that a prefilter leaves out.
 
 At beta = 20 over tens of thousands of anisotropic keys, most of the Hopfield step's softmax mass
-lies on keys far from the query (SPEC 3), so the top-k candidates alone move the refined query
-the wrong way. The sketch keeps, for every key k_i, its coordinates y_i = P^T k_i in an r-dim
-basis P (the top right singular vectors of a sample of the keys, uncentred, so the mean
-direction comes first) and its residual energy e_i = 1 - ||y_i||^2 (keys are unit vectors).
+lies on keys far from the query (SPEC 3), and an approximate index misses some of the keys near
+it. The sketch keeps, for every key k_i, its coordinates y_i = P^T k_i in an r-dim basis P (the
+top right singular vectors of a sample of the keys, uncentred, so the mean direction comes first;
+r = 128 by default, stored in bfloat16: 256 bytes a key against 6144 for a float32 key of width
+1536) and its residual energy e_i = 1 - ||y_i||^2 (keys are unit vectors).
 
-For a unit query q, write q = P q_P + q_perp. Then q . k_i = q_P . y_i + q_perp . res_i, and the
-unknown second term is modelled as a Gaussian N(0, ||q_perp||^2 v_i), v_i = e_i / (d - r), the
-residual spread evenly over the d - r directions outside the basis. Its expectations give
-(Stein's lemma)
+For a unit query q, write q = P q_P + q_perp. Then q . k_i = q_P . y_i + q_perp . res_i.
 
-    w_i      ~= exp(beta q_P . y_i + beta^2 ||q_perp||^2 v_i / 2)
-    w_i k_i  ~= w_i (P y_i + beta v_i q_perp)
+- The tail. For keys unrelated to q the unknown second term is modelled as a Gaussian
+  N(0, ||q_perp||^2 v_i), v_i = e_i / (d - r), the residual spread evenly over the d - r
+  directions outside the basis. Its expectations give (Stein's lemma)
 
-so the tail's weight and weighted key sum come from one pass over the [L, r] sketch instead of
-the [N, d] keys (r = 32 against d = 1536 is 48x less to read). The head (the candidates) is
-always exact.
+      w_i      ~= exp(beta q_P . y_i + beta^2 ||q_perp||^2 v_i / 2)
+      w_i k_i  ~= w_i (P y_i + beta v_i q_perp)
 
-The Gaussian model holds for keys unrelated to q, not for a key q is close to: there q_perp and
-res_i point the same way and q . k_i exceeds q_P . y_i by about (q . k_i) e_i. So the keys near q
-must be in the head, scored exactly. Two exact facts make sure of that. Cauchy-Schwarz bounds every
-key: q . k_i <= u_i = q_P . y_i + ||q_perp|| sqrt(e_i). ``nearest`` returns each row's top keys by
-u_i outside the index's candidates (they join the head), and ``rescue`` returns every key whose
-u_i reaches the best final cosine (or the threshold), which are then scored exactly, so the final
-decision is exact for the refined query.
+  so the tail's weight and weighted key sum come from one pass over the sketch.
+- The near keys. The model is wrong for a key q is close to: there q_perp and res_i point the
+  same way and q . k_i exceeds q_P . y_i by about (q . k_i) e_i. Such keys must be scored
+  exactly. Cauchy-Schwarz bounds every key: q . k_i <= u_i = q_P . y_i + ||q_perp|| sqrt(e_i).
+  ``scan`` also returns each row's ``nearest`` keys by u_i (they join the exact head and leave the
+  tail), and ``rescue`` returns every key whose u_i reaches a floor (the best final cosine, or the
+  threshold), to be rescored exactly: the final decision is then exact for the refined query.
 
 Until the codebook holds ``fit_from`` keys the basis is the identity: the sketch holds the keys
-themselves and the tail is exact. The basis is fitted then, and again each time the codebook has
-grown 4x. Rows are indexed by the prefilter's labels; dead labels get no weight.
+themselves in float32 and the tail is exact. The basis is fitted then, and again each time the
+codebook has grown 4x. Rows are indexed by the prefilter's labels; dead labels get no weight.
 
-This is a model, not a bound: it is accurate where the keys' residuals look like noise (the
+On the CPU with float32 queries the passes run in C++ (csrc/sketch_cpu.cpp, horen_fast._sketch:
+one fused pass, AVX-512 blocks or a generic loop, OpenMP); the torch code here is the reference
+they are tested against, and what runs elsewhere (CUDA, float64, no compiled module).
+
+The tail is a model, not a bound: it is accurate where the keys' residuals look like noise (the
 fitted SmolLM2 activations; see bench/RESULTS.md), and it is measured as decision agreement.
 """
 from __future__ import annotations
@@ -50,29 +52,42 @@ _SLACK = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
 class KeySketch:
-    """Label-aligned sketch rows [L, r] with residual energies [L] and an alive mask.
+    """Label-aligned sketch rows with residual energies and an alive mask.
 
-    Rows are float32 while the basis is the identity and bfloat16 once it is fitted (half the
-    bytes per pass; the bounds carry the rounding in ``slack``)."""
+    A row is kept in two parts: the coarse part (the first ``tail_rank`` basis coordinates, 64 by
+    default), which the tail model and a first, coarse bound read for every key, and the fine part
+    (the other ``rank - tail_rank``), read only for keys whose coarse bound can still matter
+    (``u <= u_c``, Cauchy-Schwarz over the coordinates outside the coarse part). Rows are float32
+    while the basis is the identity (all coarse: exact) and bfloat16 once it is fitted (the bounds
+    carry the rounding in ``slack``)."""
 
-    def __init__(self, key_dim: int, rank: int = 128, *, fit_from: int = 1024,
+    def __init__(self, key_dim: int, rank: int = 128, *, tail_rank: int = 64, fit_from: int = 1024,
                  device: torch.device | str = "cpu", seed: int = 1234):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"sketch_rank must be a positive integer, got {rank!r}")
+        if isinstance(tail_rank, bool) or not isinstance(tail_rank, int) or tail_rank < 1:
+            raise ValueError(f"tail_rank must be a positive integer, got {tail_rank!r}")
         self.key_dim, self.rank = key_dim, min(rank, key_dim)
+        self.fitted_tail_rank = min(tail_rank, self.rank)
         self.fit_from = max(int(fit_from), 4 * self.rank)
         self.device, self.seed = torch.device(device), seed
         self.basis: torch.Tensor | None = None   # [d, r]; None: identity (rows are the keys)
         self.fitted_at = 0
         self.clear()
 
+    @property
+    def tail_rank(self) -> int:
+        return self.key_dim if self.basis is None else self.fitted_tail_rank
+
     def clear(self) -> None:
         """Drop every row (the basis is kept)."""
         width = self.key_dim if self.basis is None else self.rank
         dtype = torch.float32 if self.basis is None else torch.bfloat16
-        self._rows = torch.empty(0, width, dtype=dtype, device=self.device)
+        self._coarse = torch.empty(0, self.tail_rank, dtype=dtype, device=self.device)
+        self._fine = torch.empty(0, width - self.tail_rank, dtype=dtype, device=self.device)
         self.slack = _SLACK[dtype]
-        self._energy = torch.empty(0, device=self.device)
+        self._energy = torch.empty(0, device=self.device)     # 1 - |y|^2
+        self._energy_c = torch.empty(0, device=self.device)   # 1 - |y_c|^2
         self._alive = torch.empty(0, dtype=torch.bool, device=self.device)
         self.count = 0
 
@@ -98,42 +113,54 @@ class KeySketch:
         self.clear()
 
     # ---- rows ---------------------------------------------------------------------------------
-    def _project(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = keys.to(self.device, torch.float32)
-        if self.basis is None:
-            return k, torch.zeros(k.shape[0], device=self.device)
-        y = k @ self.basis
-        return y, (1.0 - (y * y).sum(1)).clamp(min=0.0)
-
     def append(self, keys: torch.Tensor) -> None:
         """Rows for the next labels (count, count + 1, ...), from unit keys [n, d]."""
         n = keys.shape[0]
-        if self.count + n > self._rows.shape[0]:  # grow by doubling: O(1) amortized per key
-            cap = max(1024, 2 * self._rows.shape[0], self.count + n)
-            for name in ("_rows", "_energy", "_alive"):
+        if self.count + n > self._alive.shape[0]:  # grow by doubling: O(1) amortized per key
+            cap = max(1024, 2 * self._alive.shape[0], self.count + n)
+            for name in ("_coarse", "_fine", "_energy", "_energy_c", "_alive"):
                 old = getattr(self, name)
                 new = torch.zeros((cap,) + tuple(old.shape[1:]), dtype=old.dtype, device=self.device)
                 new[: self.count] = old[: self.count]
                 setattr(self, name, new)
-        y, e = self._project(keys)
-        self._rows[self.count: self.count + n] = y
-        self._energy[self.count: self.count + n] = e
-        self._alive[self.count: self.count + n] = True
+        k = keys.to(self.device, torch.float32)
+        y = k if self.basis is None else k @ self.basis
+        rc, at = self.tail_rank, slice(self.count, self.count + n)
+        self._coarse[at] = y[:, :rc]
+        self._fine[at] = y[:, rc:]
+        if self.basis is not None:
+            self._energy[at] = (1.0 - (y * y).sum(1)).clamp(min=0.0)
+            self._energy_c[at] = (1.0 - (y[:, :rc] * y[:, :rc]).sum(1)).clamp(min=0.0)
+        else:
+            self._energy[at] = 0.0
+            self._energy_c[at] = 0.0
+        self._alive[at] = True
         self.count += n
 
     def kill(self, labels) -> None:
         idx = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
         self._alive[idx] = False
 
-    # ---- the two passes -----------------------------------------------------------------------
-    def _split(self, q: torch.Tensor):
-        """(q in sketch coordinates [B, r], q_perp [B, d] or None, ||q_perp||^2 [B])."""
+    # ---- the passes ---------------------------------------------------------------------------
+    def _parts(self, q: torch.Tensor):
+        """(q_c [B, rc], q_f [B, rf], the part of q outside the coarse directions [B, d] (None for
+        the identity), |q outside the basis|^2 [B], |q outside the coarse directions|^2 [B])."""
+        b = q.shape[0]
         if self.basis is None:
-            return q, None, torch.zeros(q.shape[0], dtype=q.dtype, device=q.device)
+            zero = torch.zeros(b, dtype=q.dtype, device=q.device)
+            return q, q[:, :0], None, zero, zero
         p = self.basis.to(q.dtype)
+        rc = self.tail_rank
         qp = q @ p
-        perp = q - qp @ p.T
-        return qp, perp, (perp * perp).sum(1)
+        qc, qf = qp[:, :rc], qp[:, rc:]
+        outside_c = q - qc @ p[:, :rc].T
+        perp2_c = (outside_c * outside_c).sum(1)
+        perp2 = (perp2_c - (qf * qf).sum(1)).clamp(min=0.0)
+        return qc.contiguous(), qf.contiguous(), outside_c, perp2, perp2_c
+
+    def _spread(self) -> float:
+        """The residual variance per direction outside the coarse part, per unit of e_c."""
+        return 1.0 / max(self.key_dim - self.tail_rank, 1)
 
     def _chunks(self, batch: int):
         step = max(16384, (1 << 22) // max(batch, 1))
@@ -148,14 +175,20 @@ class KeySketch:
         logits[rows, labels[rows, cols] - lo] = float("-inf")
         return logits
 
+    def _bounds(self, lo: int, hi: int, qc, qf, perp2) -> torch.Tensor:
+        """Full Cauchy-Schwarz bounds u_i on q . k_i for labels [lo, hi): [B, hi - lo]."""
+        dtype = qc.dtype
+        s = qc @ self._coarse[lo:hi].to(dtype).T + qf @ self._fine[lo:hi].to(dtype).T
+        return s + perp2.sqrt()[:, None] * self._energy[lo:hi].to(dtype).sqrt()[None, :]
+
     def _native_ok(self, q: torch.Tensor) -> bool:
         return (_native is not None and q.device.type == "cpu" and q.dtype == torch.float32
-                and self._rows.dtype == torch.bfloat16)
+                and self._coarse.dtype == torch.bfloat16)
 
-    def _native_args(self, q: torch.Tensor, exclude: torch.Tensor):
-        qp, perp, perp2 = self._split(q)
+    def _native_rows(self, exclude: torch.Tensor):
         excl = torch.where(exclude >= 0, exclude, self.count).sort(dim=1).values.contiguous()
-        return qp.contiguous(), perp, perp2, excl
+        return (self._coarse.data_ptr(), self._fine.data_ptr(), self._energy_c.data_ptr(),
+                self._energy.data_ptr(), self._alive.data_ptr(), excl.data_ptr()), excl
 
     def scan(self, q: torch.Tensor, beta: float, exclude: torch.Tensor,
              nearest: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,57 +198,54 @@ class KeySketch:
         the ``nearest`` alive keys outside ``exclude`` (labels [B, k], -1 ignored) with the largest
         bounds u_i (-1 where there are fewer); ``log_z`` and ``mean`` are the log of the summed
         softmax weight and the weighted mean key of every other alive key (outside ``exclude`` and
-        ``near``); a row with nothing left gets (-inf, 0)."""
+        ``near``), modelled from the coarse part; a row with nothing left gets (-inf, 0)."""
         if self._native_ok(q):
             return self._scan_native(q, beta, exclude, nearest)
         return self._scan_torch(q, beta, exclude, nearest)
 
-    def _finish(self, q, perp, beta, run_max, run_z, run_y, run_v):
+    def _finish(self, outside_c, beta, run_max, run_z, run_y, run_v):
         """(log_z, mean) from the tail's sums (weights relative to exp(run_max))."""
-        dtype = q.dtype
+        dtype = run_y.dtype
         z = run_z.clamp(min=torch.finfo(dtype).tiny)
         mean = run_y / z[:, None]
         if self.basis is not None:
-            spread = 1.0 / max(self.key_dim - self.rank, 1)
-            mean = mean @ self.basis.to(dtype).T + beta * (spread * run_v / z)[:, None] * perp
+            mean = (mean @ self.basis[:, : self.tail_rank].to(dtype).T
+                    + beta * (self._spread() * run_v / z)[:, None] * outside_c)
         log_z = torch.where(run_z > 0, run_max + torch.log(z), torch.full_like(z, float("-inf")))
         return log_z, mean
 
     def _scan_native(self, q, beta, exclude, nearest):
-        qp, perp, perp2, excl = self._native_args(q, exclude)
-        b, r, n = q.shape[0], self._rows.shape[1], self.count
-        spread = 1.0 / max(self.key_dim - self.rank, 1)
-        cvar = (0.5 * beta * beta * spread * perp2).contiguous()
-        norm = perp2.sqrt().contiguous()
+        qc, qf, outside_c, perp2, perp2_c = self._parts(q)
+        b, rc, rf = q.shape[0], self._coarse.shape[1], self._fine.shape[1]
+        cvar = (0.5 * beta * beta * self._spread() * perp2_c).contiguous()
+        perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
+        rows, excl = self._native_rows(exclude)
         run_max, run_z, run_v = (torch.empty(b) for _ in range(3))
-        run_y = torch.empty(b, r)
+        run_y = torch.empty(b, rc)
         near = torch.empty(b, nearest, dtype=torch.long)
         near_u = torch.empty(b, nearest)
-        _native.scan(qp.data_ptr(), norm.data_ptr(), cvar.data_ptr(), self._rows.data_ptr(),
-                     self._energy.data_ptr(), self._alive.data_ptr(), excl.data_ptr(), b, r, n,
-                     excl.shape[1], nearest, float(beta), torch.get_num_threads(), run_max.data_ptr(),
-                     run_z.data_ptr(), run_y.data_ptr(), run_v.data_ptr(), near.data_ptr(), near_u.data_ptr())
-        return (*self._finish(q, perp, beta, run_max, run_z, run_y, run_v), near)
+        _native.scan(qc.data_ptr(), qf.data_ptr(), perp_c.data_ptr(), perp.data_ptr(), cvar.data_ptr(),
+                     *rows, b, rc, rf, self.count, excl.shape[1], nearest, float(beta), self.slack,
+                     torch.get_num_threads(), run_max.data_ptr(), run_z.data_ptr(), run_y.data_ptr(),
+                     run_v.data_ptr(), near.data_ptr(), near_u.data_ptr())
+        return (*self._finish(outside_c, beta, run_max, run_z, run_y, run_v), near)
 
     def _scan_torch(self, q, beta, exclude, nearest):
-        qp, perp, perp2 = self._split(q)
+        qc, qf, outside_c, perp2, perp2_c = self._parts(q)
         b, dtype = q.shape[0], q.dtype
         run_max = torch.full((b,), float("-inf"), dtype=dtype, device=q.device)
         run_z = torch.zeros(b, dtype=dtype, device=q.device)
-        run_y = torch.zeros_like(qp)
+        run_y = torch.zeros_like(qc)
         run_v = torch.zeros(b, dtype=dtype, device=q.device)
         top_u = torch.full((b, 0), float("-inf"), dtype=dtype, device=q.device)
         near = torch.empty(b, 0, dtype=torch.long, device=q.device)
-        half = 0.5 * beta * beta * perp2[:, None]
-        spread = 1.0 / max(self.key_dim - self.rank, 1)  # per direction outside the basis
+        half = (0.5 * beta * beta * self._spread() * perp2_c)[:, None]
         for lo, hi in self._chunks(b):  # rows widened to the queries' dtype: exact products
-            y = self._rows[lo:hi].to(dtype)
-            e = self._energy[lo:hi].to(dtype)
-            s = qp @ y.T
-            logits = self._excluded(lo, hi, exclude, beta * s + half * (e * spread)[None, :])
+            y = self._coarse[lo:hi].to(dtype)
+            e = self._energy_c[lo:hi].to(dtype)
+            logits = self._excluded(lo, hi, exclude, beta * (qc @ y.T) + half * e[None, :])
             if nearest:
-                upper = torch.where(torch.isfinite(logits), s + perp2.sqrt()[:, None] * e.sqrt()[None, :],
-                                    logits)
+                upper = torch.where(torch.isfinite(logits), self._bounds(lo, hi, qc, qf, perp2), logits)
                 val, col = upper.topk(min(nearest, hi - lo), dim=1)
                 top_u, pick = torch.cat([top_u, val], 1).topk(min(nearest, top_u.shape[1] + val.shape[1]), dim=1)
                 near = torch.cat([near, col + lo], 1).gather(1, pick)
@@ -230,40 +260,34 @@ class KeySketch:
         near = torch.where(torch.isfinite(top_u), near, torch.full_like(near, -1))
         if near.shape[1]:  # take the near keys' terms back out: they join the exact head
             got = near >= 0
-            y = self._rows[near.clamp(min=0)].to(dtype)                         # [B, k, r]
-            e = self._energy[near.clamp(min=0)].to(dtype)
-            s = torch.bmm(qp[:, None, :], y.transpose(1, 2))[:, 0]
+            y = self._coarse[near.clamp(min=0)].to(dtype)                       # [B, k, rc]
+            e = self._energy_c[near.clamp(min=0)].to(dtype)
+            s = torch.bmm(qc[:, None, :], y.transpose(1, 2))[:, 0]
             shift = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
-            w = torch.where(got, torch.exp(beta * s + half * spread * e - shift[:, None]), torch.zeros_like(s))
+            w = torch.where(got, torch.exp(beta * s + half * e - shift[:, None]), torch.zeros_like(s))
             run_z = (run_z - w.sum(1)).clamp(min=0.0)
             run_y = run_y - torch.bmm(w[:, None, :], y)[:, 0]
             run_v = run_v - (w * e).sum(1)
         if near.shape[1] < nearest:
             near = torch.cat([near, near.new_full((b, nearest - near.shape[1]), -1)], 1)
-        return (*self._finish(q, perp, beta, run_max, run_z, run_y, run_v), near)
-
-    def _upper(self, lo: int, hi: int, qp: torch.Tensor, perp: torch.Tensor, exclude: torch.Tensor):
-        """Cauchy-Schwarz bounds u_i on q . k_i [B, hi - lo], -inf at dead and excluded labels."""
-        y = self._rows[lo:hi].to(qp.dtype)
-        upper = qp @ y.T + perp[:, None] * self._energy[lo:hi].to(qp.dtype).sqrt()[None, :]
-        return self._excluded(lo, hi, exclude, upper + self.slack)
+        return (*self._finish(outside_c, beta, run_max, run_z, run_y, run_v), near)
 
     def rescue(self, q: torch.Tensor, floor: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, label) pairs of every alive key outside ``exclude`` whose cosine with q might
-        exceed ``floor`` [B]: u_i > floor."""
+        exceed ``floor`` [B]: u_i + slack > floor."""
+        qc, qf, _, perp2, perp2_c = self._parts(q)
         if self._native_ok(q):
-            qp, _, perp2, excl = self._native_args(q, exclude)
-            norm, floor = perp2.sqrt().contiguous(), floor.float().contiguous()
-            rows, labels = _native.rescue(qp.data_ptr(), norm.data_ptr(), self._rows.data_ptr(),
-                                          self._energy.data_ptr(), self._alive.data_ptr(), excl.data_ptr(),
-                                          floor.data_ptr(), q.shape[0], self._rows.shape[1], self.count,
-                                          excl.shape[1], self.slack, torch.get_num_threads())
-            return torch.from_numpy(rows), torch.from_numpy(labels)
-        qp, _, perp2 = self._split(q)
-        perp = perp2.sqrt()
+            perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
+            floor = floor.float().contiguous()
+            rows, excl = self._native_rows(exclude)
+            found = _native.rescue(qc.data_ptr(), qf.data_ptr(), perp_c.data_ptr(), perp.data_ptr(), *rows,
+                                   floor.data_ptr(), q.shape[0], self._coarse.shape[1], self._fine.shape[1],
+                                   self.count, excl.shape[1], self.slack, torch.get_num_threads())
+            return torch.from_numpy(found[0]), torch.from_numpy(found[1])
         rows, labels = [], []
         for lo, hi in self._chunks(q.shape[0]):
-            r, c = (self._upper(lo, hi, qp, perp, exclude) > floor[:, None]).nonzero(as_tuple=True)
+            upper = self._excluded(lo, hi, exclude, self._bounds(lo, hi, qc, qf, perp2) + self.slack)
+            r, c = (upper > floor[:, None]).nonzero(as_tuple=True)
             rows.append(r)
             labels.append(c + lo)
         if not rows:
@@ -272,9 +296,10 @@ class KeySketch:
         return torch.cat(rows), torch.cat(labels)
 
     def nbytes(self) -> int:
-        return self.count * (self._rows.shape[1] * self._rows.element_size() + 5)
+        per_row = (self._coarse.shape[1] + self._fine.shape[1]) * self._coarse.element_size() + 9
+        return self.count * per_row
 
     def __repr__(self) -> str:
-        basis = "identity" if self.basis is None else f"rank {self.rank}, fitted at {self.fitted_at}"
+        basis = ("identity" if self.basis is None else
+                 f"rank {self.rank} (coarse {self.tail_rank}), fitted at {self.fitted_at}")
         return f"KeySketch({basis}, rows={self.count})"
-

@@ -30,8 +30,13 @@ def _model_keys(n, d=256, rank=16, seed=0):
     return model, model.keys(n, seed=seed + 1)
 
 
-def _filled(keys, rank, fit=True):
-    sk = KeySketch(keys.shape[1], rank, fit_from=1 if fit else 10**9)
+def _rows(sk):
+    """The full sketch rows [count, width] (coarse and fine parts side by side)."""
+    return torch.cat([sk._coarse[: sk.count], sk._fine[: sk.count]], 1)
+
+
+def _filled(keys, rank, fit=True, tail_rank=32):
+    sk = KeySketch(keys.shape[1], rank, tail_rank=tail_rank, fit_from=1 if fit else 10**9)
     if fit:
         sk.fit(keys)
     sk.append(keys)
@@ -76,9 +81,9 @@ def test_a_plain_low_rank_tail_is_not_enough():
     exclude = torch.full((20, 1), -1)
     log_z, mean = sk.scan(q, 20.0, exclude)[:2]
     want_z, want = _exact_tail(q, keys, 20.0, exclude)
-    energy, sk._energy = sk._energy, torch.zeros_like(sk._energy)
+    energy, sk._energy_c = sk._energy_c, torch.zeros_like(sk._energy_c)
     plain_z, plain = sk.scan(q, 20.0, exclude)[:2]
-    sk._energy = energy
+    sk._energy_c = energy
     err = lambda m: (1 - torch.nn.functional.cosine_similarity(m.double(), want, dim=1)).mean()  # noqa: E731
     assert err(mean) < 0.75 * err(plain), (err(mean), err(plain))
     z_err = lambda z: (z.double() - want_z).abs().max()  # noqa: E731
@@ -141,14 +146,15 @@ def test_rows_grow_in_place_and_follow_the_basis():
     caps = set()
     for lo in range(0, 1500, 100):
         sk.append(keys[lo: lo + 100])
-        caps.add(sk._rows.shape[0])
+        caps.add(sk._alive.shape[0])
     assert sk.count == 1500 and len(caps) <= 2  # doubling, not a copy per append
-    torch.testing.assert_close(sk._rows[:1500], keys[:1500])  # identity basis: the keys
+    torch.testing.assert_close(_rows(sk), keys[:1500])  # identity basis: the keys
     sk.fit(keys)
     sk.clear()
     sk.append(keys)
-    assert sk._rows.dtype == torch.bfloat16  # a fitted basis stores rows in half the bytes
-    torch.testing.assert_close(sk._rows[:3000].float(), keys @ sk.basis, rtol=1e-2, atol=4e-3)
+    assert sk._coarse.dtype == torch.bfloat16  # a fitted basis stores rows in half the bytes
+    assert sk._coarse.shape[1] == 16 and sk._fine.shape[1] == 0  # tail_rank 32 > rank 16
+    torch.testing.assert_close(_rows(sk).float(), keys @ sk.basis, rtol=1e-2, atol=4e-3)
     assert not sk.due(11999) and sk.due(12000)
     with pytest.raises(ValueError, match="sketch_rank"):
         KeySketch(8, 0)
@@ -206,7 +212,7 @@ def _check_sketch(cb):
     labels = torch.tensor([pf._label_of[i] for i in cb.ids])
     want = cb.keys if sk.basis is None else cb.keys @ sk.basis
     tol = 1e-5 if sk.basis is None else 4e-3
-    torch.testing.assert_close(sk._rows[labels].float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(_rows(sk)[labels].float(), want, rtol=tol, atol=tol)
 
 
 def test_bad_tail_options_are_rejected():
@@ -215,6 +221,12 @@ def test_bad_tail_options_are_rejected():
     with pytest.raises(ValueError, match="safe=True"):
         Codebook(8, 2, prefilter="faiss", safe=True, prefilter_options={"tail": "sketch"})
     assert Codebook(8, 2, prefilter="faiss", safe=True).prefilter.sketch is None
+    with pytest.raises(ValueError, match="sketch_candidates"):
+        Codebook(8, 2, prefilter="faiss", prefilter_options={"sketch_candidates": -1})
+    with pytest.raises(TypeError, match="rescue"):
+        Codebook(8, 2, prefilter="faiss", prefilter_options={"rescue": "yes"})
+    with pytest.raises(ValueError, match="sketch_rank"):
+        Codebook(8, 2, prefilter="faiss", prefilter_options={"sketch_rank": 0})
 
 
 def test_importing_the_prefilter_first_keeps_the_cpp_backend():
@@ -227,10 +239,13 @@ def test_importing_the_prefilter_first_keeps_the_cpp_backend():
 
 
 @pytest.mark.skipif(sketch_mod._native is None, reason="the C++ sketch scan (horen_fast._sketch) is not built")
-@pytest.mark.parametrize("b,nearest,rank", [(1, 0, 32), (1, 16, 128), (7, 5, 64), (64, 32, 128)])
-def test_native_scan_equals_the_torch_scan(b, nearest, rank):
+@pytest.mark.parametrize("b,nearest,rank,tail_rank", [(1, 0, 32, 32), (1, 16, 128, 32), (7, 5, 64, 16),
+                                                     (64, 32, 128, 32), (3, 4, 40, 24)])
+def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank):
+    """The C++ passes against the torch reference: AVX-512 blocks (coarse widths 16, 32) and the
+    generic loop (24)."""
     model, keys = _model_keys(6000, seed=b)
-    sk = _filled(keys, rank)
+    sk = _filled(keys, rank, tail_rank=tail_rank)
     sk.kill(range(0, 6000, 97))
     q = torch.cat([model.paraphrases(keys[: (b + 1) // 2], seed=8), model.unrelated(b // 2, seed=9)])
     exclude = (q @ keys.T).topk(8, dim=1).indices
@@ -245,12 +260,12 @@ def test_native_scan_equals_the_torch_scan(b, nearest, rank):
     floor = torch.full((b,), 0.6)
     rows, labels = sk.rescue(q, floor, exclude)
     native = set(zip(rows.tolist(), labels.tolist()))
-    sk_rows = sk._rows  # the torch path: same rows, same bound
+    sk_rows = sk._coarse  # the torch path: same rows, same bound
     _native, sketch_mod._native = sketch_mod._native, None
     try:
         t_rows, t_labels = sk.rescue(q, floor, exclude)
     finally:
         sketch_mod._native = _native
-    assert sk._rows is sk_rows
+    assert sk._coarse is sk_rows
     reference = set(zip(t_rows.tolist(), t_labels.tolist()))
     assert len(native ^ reference) <= max(2, len(reference) // 100)
