@@ -30,12 +30,14 @@ from horen_fast.retrieval import _pick_backend, _load_builtin_backends  # noqa: 
 from horen_fast.synthetic import ActivationModel  # noqa: E402
 
 
-def timed(fn, reps: int) -> float:
-    fn()  # warm-up
+def timed(fn, batches: list, reps: int) -> float:
+    """Median seconds of fn(batch), cycling through the batches (several different queries, so
+    one lucky or unlucky query does not stand for all)."""
+    fn(batches[0])  # warm-up
     out = []
-    for _ in range(reps):
+    for i in range(reps):
         t = time.perf_counter()
-        fn()
+        fn(batches[i % len(batches)])
         out.append(time.perf_counter() - t)
     return statistics.median(out)
 
@@ -101,11 +103,12 @@ def main(argv=None) -> None:
         res = {"n": n, "index": args.index, "candidates": args.candidates, "backend": backend,
                "build_s": round(built, 1), "prefilter": repr(cb.prefilter),
                "paraphrase": agreement(cb, para, 64), "unrelated": agreement(cb, unrel, 64)}
-        for b in args.batches:
-            q = torch.cat([para[: (b + 1) // 2], unrel[: b // 2]])
-            fast = timed(lambda: cb.retrieve(q), max(args.reps * 4, 10))
-            bare = timed(lambda: candidates_only(cb, q), max(args.reps * 4, 10))
-            exact = timed(lambda: cb.retrieve(q, exact=True), args.reps)
+        for b in args.batches:  # batches of paraphrase and unrelated queries, half each (B=1: alternating)
+            mixed = torch.stack([para[: args.queries // 2], unrel[: args.queries // 2]], 1).reshape(-1, para.shape[1])
+            qs = [mixed[lo: lo + b] for lo in range(0, min(len(mixed), 20 * b) - b + 1, b)]
+            fast = timed(lambda q: cb.retrieve(q), qs, max(args.reps * 4, 20))
+            bare = timed(lambda q: candidates_only(cb, q), qs, max(args.reps * 4, 20))
+            exact = timed(lambda q: cb.retrieve(q, exact=True), qs, args.reps)
             res[f"B{b}"] = {"exact_ms": round(exact * 1e3, 2), "prefilter_ms": round(fast * 1e3, 2),
                             "candidates_only_ms": round(bare * 1e3, 2), "speedup": round(exact / fast, 1)}
         rows.append(res)

@@ -238,6 +238,28 @@ template <int VC> HOREN_AVX512 inline __m512 scores16(const float* q, const floa
     return _mm512_load_ps(s);
 }
 
+// the block transposed: dst[j][l] = src[l][j] (RC x 16 floats; lanes past n are 0), so that
+// one query's 16 scores are RC multiply-adds of 16 lanes with no horizontal sums (many queries)
+template <int VC> HOREN_AVX512 inline void transpose_block(const float* src, float* dst, int n) {
+    constexpr int RC = VC * 16;
+    if (n < 16) std::memset(dst, 0, sizeof(float) * RC * 16);
+    for (int l = 0; l < n; ++l)
+        for (int j = 0; j < RC; ++j) dst[j * 16 + l] = src[l * RC + j];
+}
+
+template <int VC> HOREN_AVX512 inline __m512 scores16_t(const float* q, const float* yt) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int j = 0; j < VC * 16; j += 4) {
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[j]), _mm512_load_ps(yt + j * 16), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[j + 1]), _mm512_load_ps(yt + (j + 1) * 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(q[j + 2]), _mm512_load_ps(yt + (j + 2) * 16), a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(q[j + 3]), _mm512_load_ps(yt + (j + 3) * 16), a3);
+    }
+    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+}
+
+constexpr int64_t TRANSPOSE_FROM = 8;  // queries per pass from which the transposed block pays off
+
 // lanes of the block [i0, i0 + n) alive and not excluded for this query (ptr advances)
 inline uint32_t lanes(const Args& a, const int64_t* ex, int64_t& p, int64_t i0, int n, uint32_t alive) {
     while (p < a.K && ex[p] < i0) ++p;
@@ -256,20 +278,27 @@ template <int VC> HOREN_AVX512
 void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
                    std::vector<std::vector<Entry>>& heaps) {
     constexpr int RC = VC * 16;
-    alignas(64) float yb[16 * RC], sc[16], uc[16], lg[16], ww[16];
+    alignas(64) float yb[16 * RC], yt[16 * RC], sc[16], uc[16], lg[16], ww[16];
     std::vector<int64_t> ptr = start_pointers(a, lo);
+    const bool many = a.B >= TRANSPOSE_FROM;
     const __m512 ninf = _mm512_set1_ps(NEG_INF);
     for (int64_t i0 = lo; i0 < hi; i0 += 16) {
         const int n = static_cast<int>(std::min<int64_t>(16, hi - i0));
         const uint32_t alive = alive_lanes(a, i0, n);
         if (!alive) continue;
         widen_block<VC>(a.rows_c + i0 * RC, yb, n);
+        if (many) {  // many queries: most of this block's fine rows will be read; fetch the next block's
+            transpose_block<VC>(yb, yt, n);
+            const int64_t next = std::min<int64_t>(i0 + 16, hi), rows = std::min<int64_t>(16, hi - next);
+            const char* at = reinterpret_cast<const char*>(a.rows_f + next * a.rf);
+            for (int64_t off = 0; off < rows * a.rf * 2; off += 64) _mm_prefetch(at + off, _MM_HINT_T0);
+        }
         const __m512 ec = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), a.e_c + i0);
         const __m512 sec = _mm512_sqrt_ps(ec);
         for (int64_t b = 0; b < a.B; ++b) {
             uint32_t m = lanes(a, a.excl + b * a.K, ptr[b], i0, n, alive);
             if (!m) continue;
-            const __m512 s = scores16<VC>(a.qc + b * RC, yb, n);
+            const __m512 s = many ? scores16_t<VC>(a.qc + b * RC, yt) : scores16<VC>(a.qc + b * RC, yb, n);
             __m512 logit = _mm512_fmadd_ps(_mm512_set1_ps(a.beta), s, _mm512_mul_ps(_mm512_set1_ps(a.cvar[b]), ec));
             logit = _mm512_mask_blend_ps(static_cast<__mmask16>(m), ninf, logit);
             Acc& ac = acc[b];
@@ -319,18 +348,20 @@ template <int VC> HOREN_AVX512
 void rescue_range512(const Args& a, const float* floor, int64_t lo, int64_t hi,
                      std::vector<std::pair<int64_t, int64_t>>& out) {
     constexpr int RC = VC * 16;
-    alignas(64) float yb[16 * RC], sc[16];
+    alignas(64) float yb[16 * RC], yt[16 * RC], sc[16];
     std::vector<int64_t> ptr = start_pointers(a, lo);
+    const bool many = a.B >= TRANSPOSE_FROM;
     for (int64_t i0 = lo; i0 < hi; i0 += 16) {
         const int n = static_cast<int>(std::min<int64_t>(16, hi - i0));
         const uint32_t alive = alive_lanes(a, i0, n);
         if (!alive) continue;
         widen_block<VC>(a.rows_c + i0 * RC, yb, n);
+        if (many) transpose_block<VC>(yb, yt, n);
         const __m512 sec = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), a.e_c + i0));
         for (int64_t b = 0; b < a.B; ++b) {
             uint32_t m = lanes(a, a.excl + b * a.K, ptr[b], i0, n, alive);
             if (!m) continue;
-            const __m512 s = scores16<VC>(a.qc + b * RC, yb, n);
+            const __m512 s = many ? scores16_t<VC>(a.qc + b * RC, yt) : scores16<VC>(a.qc + b * RC, yb, n);
             const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_c[b]), sec, s);
             uint32_t hit = m & _mm512_cmp_ps_mask(_mm512_add_ps(u, _mm512_set1_ps(a.slack)),
                                                  _mm512_set1_ps(floor[b]), _CMP_GT_OQ);

@@ -355,9 +355,9 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
     ids, labels = prefilter.search_labels(_host_f32(q), prefilter.candidates)
     sketch = prefilter.sketch
     labels_t = torch.from_numpy(labels).to(keys.device)
-    first_tail = None
+    first_tail = beyond = None
     if sketch is not None:  # the tail at q_0, and the keys the index may have missed
-        *first_tail, more = sketch.scan(q, params.beta, labels_t, prefilter.sketch_candidates)
+        *first_tail, more, beyond = sketch.scan(q, params.beta, labels_t, prefilter.sketch_candidates)
         more = more.cpu().numpy()
         more_ids = np.where(more >= 0, prefilter._label_id[np.maximum(more, 0)], -1)
         ids, labels = np.concatenate([ids, more_ids], 1), np.concatenate([labels, more], 1)
@@ -405,13 +405,17 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
         if prefilter.safe:
             bound = torch.where(running, ((1 - params.alpha) * bound + params.alpha) / norm.clamp(min=1e-30),
                                 bound)
+        if beyond is not None:  # keys outside the exact set had q_0 . k <= beyond: carry it the same way
+            beyond = torch.where(running, ((1 - params.alpha) * beyond + params.alpha) / norm.clamp(min=1e-30),
+                                 beyond)
         q = torch.where(running[:, None], step, q)
     c = cos(q)
     best = c.max(dim=1).values
     big = torch.iinfo(torch.long).max
     slot = torch.where(present & (c == best[:, None]), slots, torch.full_like(slots, big)).min(dim=1).values
     if sketch is not None and prefilter.rescue:
-        best, slot = _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels_t, params.threshold)
+        best, slot = _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels_t, params.threshold,
+                             beyond)
     matched = valid & (best > params.threshold) & (slot != big)
     index = torch.where(matched, slot, torch.full_like(slot, -1))
     score = torch.where(matched, best, torch.full_like(best, float("nan")))
@@ -426,11 +430,17 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
     return RetrievalResult(index=index, score=score, matched=matched)
 
 
-def _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels, threshold):
-    """Score exactly the keys outside the candidates that the sketch says might beat the best
-    candidate (and the threshold); return the updated (best cosine, slot) per row."""
+def _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels, threshold, beyond):
+    """Score exactly the keys outside the exact set whose bound says they might beat the best
+    final cosine (and the threshold); return the updated (best cosine, slot) per row. Rows whose
+    carried bound ``beyond`` already rules every outside key out skip the pass."""
+    sketch = prefilter.sketch
     floor = torch.where(valid, torch.clamp(best, min=threshold), torch.full_like(best, float("inf")))
-    rows, lab = prefilter.sketch.rescue(q, floor, labels)
+    need = (beyond + sketch.slack > floor).nonzero()[:, 0]
+    if need.numel() == 0:  # host sync: which rows need the pass
+        return best, slot
+    sub_rows, lab = sketch.rescue(q[need], floor[need], labels[need])
+    rows = need[sub_rows.to(need.device)]
     if rows.numel() == 0:  # host sync: how many keys to rescore
         return best, slot
     ids = torch.from_numpy(prefilter._label_id[lab.cpu().numpy()]).to(keys.device)

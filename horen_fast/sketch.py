@@ -191,14 +191,16 @@ class KeySketch:
                 self._energy.data_ptr(), self._alive.data_ptr(), excl.data_ptr()), excl
 
     def scan(self, q: torch.Tensor, beta: float, exclude: torch.Tensor,
-             nearest: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             nearest: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass over the rows for unit queries q [B, d] (float32 or float64).
 
-        Returns (log_z [B], mean [B, d], near [B, nearest]): ``near`` holds, per row, the labels of
-        the ``nearest`` alive keys outside ``exclude`` (labels [B, k], -1 ignored) with the largest
-        bounds u_i (-1 where there are fewer); ``log_z`` and ``mean`` are the log of the summed
-        softmax weight and the weighted mean key of every other alive key (outside ``exclude`` and
-        ``near``), modelled from the coarse part; a row with nothing left gets (-inf, 0)."""
+        Returns (log_z [B], mean [B, d], near [B, nearest], beyond [B]): ``near`` holds, per row,
+        the labels of the ``nearest`` alive keys outside ``exclude`` (labels [B, k], -1 ignored)
+        with the largest bounds u_i (-1 where there are fewer); ``log_z`` and ``mean`` are the log
+        of the summed softmax weight and the weighted mean key of every other alive key (outside
+        ``exclude`` and ``near``), modelled from the coarse part (a row with nothing left gets
+        (-inf, 0)); ``beyond`` bounds q . k for every such other key (up to ``slack``): the
+        nearest-th largest u_i, -inf when no key is left, +inf when ``nearest`` is 0."""
         if self._native_ok(q):
             return self._scan_native(q, beta, exclude, nearest)
         return self._scan_torch(q, beta, exclude, nearest)
@@ -228,7 +230,16 @@ class KeySketch:
                      *rows, b, rc, rf, self.count, excl.shape[1], nearest, float(beta), self.slack,
                      torch.get_num_threads(), run_max.data_ptr(), run_z.data_ptr(), run_y.data_ptr(),
                      run_v.data_ptr(), near.data_ptr(), near_u.data_ptr())
-        return (*self._finish(outside_c, beta, run_max, run_z, run_y, run_v), near)
+        return (*self._finish(outside_c, beta, run_max, run_z, run_y, run_v), near,
+                self._beyond(near_u, nearest, b, q))
+
+    @staticmethod
+    def _beyond(top_u: torch.Tensor, nearest: int, b: int, q: torch.Tensor) -> torch.Tensor:
+        if nearest == 0:
+            return torch.full((b,), float("inf"), dtype=q.dtype, device=q.device)
+        if top_u.shape[1] < nearest:  # every key outside ``exclude`` is among the near ones
+            return torch.full((b,), float("-inf"), dtype=q.dtype, device=q.device)
+        return top_u[:, nearest - 1].to(q.dtype)
 
     def _scan_torch(self, q, beta, exclude, nearest):
         qc, qf, outside_c, perp2, perp2_c = self._parts(q)
@@ -268,9 +279,10 @@ class KeySketch:
             run_z = (run_z - w.sum(1)).clamp(min=0.0)
             run_y = run_y - torch.bmm(w[:, None, :], y)[:, 0]
             run_v = run_v - (w * e).sum(1)
+        beyond = self._beyond(top_u, nearest, b, q)
         if near.shape[1] < nearest:
             near = torch.cat([near, near.new_full((b, nearest - near.shape[1]), -1)], 1)
-        return (*self._finish(outside_c, beta, run_max, run_z, run_y, run_v), near)
+        return (*self._finish(outside_c, beta, run_max, run_z, run_y, run_v), near, beyond)
 
     def rescue(self, q: torch.Tensor, floor: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, label) pairs of every alive key outside ``exclude`` whose cosine with q might

@@ -127,13 +127,16 @@ def test_near_keys_leave_the_tail():
     sk = _filled(keys, 8, fit=False)
     q = torch.nn.functional.normalize(keys[:6] + 0.3 * torch.randn(6, 64), dim=1).double()
     exclude = torch.stack([torch.randperm(700)[:4] for _ in range(6)])
-    log_z, mean, near = sk.scan(q, 20.0, exclude, 10)
+    log_z, mean, near, beyond = sk.scan(q, 20.0, exclude, 10)
     assert near.shape == (6, 10) and (near >= 0).all()
     assert all(not set(near[b].tolist()) & set(exclude[b].tolist()) for b in range(6))
     cos = q @ keys.double().T
     for b in range(6):  # the near keys are the best outside ``exclude`` (u = cosine here)
         cos[b, exclude[b]] = -2
         assert set(near[b].tolist()) == set(cos[b].topk(10).indices.tolist())
+    for b in range(6):  # beyond bounds every key left outside (here: the 11th best cosine)
+        cos[b, near[b]] = -2
+        assert cos[b].max() <= beyond[b] + 1e-12
     want_z, want_mean = _exact_tail(q, keys, 20.0, torch.cat([exclude, near], 1))
     torch.testing.assert_close(log_z, want_z, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-6)
@@ -251,8 +254,15 @@ def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank):
     exclude = (q @ keys.T).topk(8, dim=1).indices
     exclude[:, -2:] = -1
     assert sk._native_ok(q)
-    log_z, mean, near = sk.scan(q, 20.0, exclude, nearest)
-    t_z, t_mean, t_near = sk._scan_torch(q, 20.0, exclude, nearest)
+    log_z, mean, near, beyond = sk.scan(q, 20.0, exclude, nearest)
+    t_z, t_mean, t_near, t_beyond = sk._scan_torch(q, 20.0, exclude, nearest)
+    torch.testing.assert_close(beyond, t_beyond, rtol=0, atol=2e-3)
+    cos = q @ keys.T
+    for i in range(b):  # beyond bounds every key outside exclude and near (up to the slack)
+        cos[i, exclude[i][exclude[i] >= 0]] = -2
+        cos[i, near[i][near[i] >= 0]] = -2
+        cos[i, ~sk._alive[:6000]] = -2
+        assert cos[i].max() <= beyond[i] + sk.slack
     torch.testing.assert_close(log_z, t_z, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(mean, t_mean, rtol=1e-3, atol=1e-4)
     for i in range(b):  # the same near keys, up to ties in bfloat16 products
