@@ -258,6 +258,18 @@ template <int VC> HOREN_AVX512 inline __m512 scores16_t(const float* q, const fl
     return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
 }
 
+// the 16 scores of a block for G <= 4 queries at once: each transposed row of the block is loaded
+// once for all of them (the loads, not the multiply-adds, bound the one-query version)
+template <int VC, int G> HOREN_AVX512 inline void scores16_g(const float* const* q, const float* yt, __m512* out) {
+    __m512 acc[G];
+    for (int k = 0; k < G; ++k) acc[k] = _mm512_setzero_ps();
+    for (int j = 0; j < VC * 16; ++j) {
+        const __m512 y = _mm512_load_ps(yt + j * 16);
+        for (int k = 0; k < G; ++k) acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(q[k][j]), y, acc[k]);
+    }
+    for (int k = 0; k < G; ++k) out[k] = acc[k];
+}
+
 constexpr int64_t TRANSPOSE_FROM = 8;  // queries per pass from which the transposed block pays off
 
 // lanes of the block [i0, i0 + n) alive and not excluded for this query (ptr advances)
@@ -274,14 +286,79 @@ inline uint32_t alive_lanes(const Args& a, int64_t i0, int n) {
     return alive;
 }
 
+// one block of 16 rows for G queries b0 .. b0 + G - 1: scores, near-key offers, weights, and the
+// weighted rows (each row of the block loaded once for the group)
+template <int VC, int G> HOREN_AVX512 inline void scan_group(
+        const Args& a, int64_t b0, int64_t i0, int n, uint32_t alive, bool many, const float* yb,
+        const float* yt, __m512 ec, __m512 sec, std::vector<int64_t>& ptr, std::vector<Acc>& acc,
+        std::vector<std::vector<Entry>>& heaps, std::vector<float>& lanes_z, std::vector<float>& lanes_v) {
+    constexpr int RC = VC * 16;
+    alignas(64) float sc[16], uc[16], lg[16], w[G][16];
+    __m512 s[G];
+    uint32_t m[G], any = 0;
+    for (int k = 0; k < G; ++k) any |= m[k] = lanes(a, a.excl + (b0 + k) * a.K, ptr[b0 + k], i0, n, alive);
+    if (!any) return;
+    if (many) {
+        const float* qs[G];
+        for (int k = 0; k < G; ++k) qs[k] = a.qc + (b0 + k) * RC;
+        scores16_g<VC, G>(qs, yt, s);
+    } else {
+        for (int k = 0; k < G; ++k) s[k] = scores16<VC>(a.qc + (b0 + k) * RC, yb, n);
+    }
+    for (int k = 0; k < G; ++k) {
+        const int64_t b = b0 + k;
+        const __m512 logit = _mm512_fmadd_ps(_mm512_set1_ps(a.beta), s[k], _mm512_mul_ps(_mm512_set1_ps(a.cvar[b]), ec));
+        Acc& ac = acc[b];
+        if (m[k] && a.k2 > 0) {  // rows whose coarse bound reaches the heap: one at a time, in label order
+            auto& h = heaps[b];
+            const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_c[b]), sec, s[k]);
+            const float floor = static_cast<int64_t>(h.size()) < a.k2 ? NEG_INF : h.front().u - a.slack;
+            uint32_t hit = m[k] & _mm512_cmp_ps_mask(u, _mm512_set1_ps(floor), _CMP_GT_OQ);
+            if (hit) {
+                _mm512_store_ps(sc, s[k]);
+                _mm512_store_ps(uc, u);
+                _mm512_store_ps(lg, logit);
+                for (int l = 0; l < n; ++l)
+                    if ((hit >> l & 1u) && offer<true>(a, b, i0 + l, sc[l], uc[l], lg[l], h, ac)) m[k] &= ~(1u << l);
+            }
+        }
+        const __m512 wk = _mm512_maskz_mov_ps(static_cast<__mmask16>(m[k]),
+                                             exp16(_mm512_sub_ps(logit, _mm512_set1_ps(ac.max))));
+        float* lz = lanes_z.data() + b * 16;
+        float* lv = lanes_v.data() + b * 16;
+        _mm512_storeu_ps(lz, _mm512_add_ps(_mm512_loadu_ps(lz), wk));
+        _mm512_storeu_ps(lv, _mm512_fmadd_ps(wk, ec, _mm512_loadu_ps(lv)));
+        _mm512_store_ps(w[k], wk);
+    }
+    any = 0;
+    for (int k = 0; k < G; ++k) any |= m[k];
+    __m512 ay[G][VC];
+    for (int k = 0; k < G; ++k)
+        for (int v = 0; v < VC; ++v) ay[k][v] = _mm512_loadu_ps(acc[b0 + k].y.data() + v * 16);
+    for (uint32_t bits = any; bits; bits &= bits - 1) {
+        const int l = __builtin_ctz(bits);
+        __m512 y[VC];
+        for (int v = 0; v < VC; ++v) y[v] = _mm512_loadu_ps(yb + (l * VC + v) * 16);
+        for (int k = 0; k < G; ++k) {
+            const __m512 wl = _mm512_set1_ps(w[k][l]);
+            for (int v = 0; v < VC; ++v) ay[k][v] = _mm512_fmadd_ps(wl, y[v], ay[k][v]);
+        }
+    }
+    for (int k = 0; k < G; ++k)
+        for (int v = 0; v < VC; ++v) _mm512_storeu_ps(acc[b0 + k].y.data() + v * 16, ay[k][v]);
+}
+
+// Every query's weights are taken relative to a fixed shift, the largest logit possible
+// (acc[b].max = beta + cvar[b], see fixed_shift), so no running maximum and no rescaling: the
+// weight sum and weighted energy add up lane by lane, and nothing underflows (logits >= -beta).
 template <int VC> HOREN_AVX512
 void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
                    std::vector<std::vector<Entry>>& heaps) {
     constexpr int RC = VC * 16;
-    alignas(64) float yb[16 * RC], yt[16 * RC], sc[16], uc[16], lg[16], ww[16];
+    alignas(64) float yb[16 * RC], yt[16 * RC];
     std::vector<int64_t> ptr = start_pointers(a, lo);
+    std::vector<float> lanes_z(a.B * 16, 0.f), lanes_v(a.B * 16, 0.f);
     const bool many = a.B >= TRANSPOSE_FROM;
-    const __m512 ninf = _mm512_set1_ps(NEG_INF);
     for (int64_t i0 = lo; i0 < hi; i0 += 16) {
         const int n = static_cast<int>(std::min<int64_t>(16, hi - i0));
         const uint32_t alive = alive_lanes(a, i0, n);
@@ -295,52 +372,18 @@ void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
         }
         const __m512 ec = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), a.e_c + i0);
         const __m512 sec = _mm512_sqrt_ps(ec);
-        for (int64_t b = 0; b < a.B; ++b) {
-            uint32_t m = lanes(a, a.excl + b * a.K, ptr[b], i0, n, alive);
-            if (!m) continue;
-            const __m512 s = many ? scores16_t<VC>(a.qc + b * RC, yt) : scores16<VC>(a.qc + b * RC, yb, n);
-            __m512 logit = _mm512_fmadd_ps(_mm512_set1_ps(a.beta), s, _mm512_mul_ps(_mm512_set1_ps(a.cvar[b]), ec));
-            logit = _mm512_mask_blend_ps(static_cast<__mmask16>(m), ninf, logit);
-            Acc& ac = acc[b];
-            if (a.k2 > 0) {  // rows whose coarse bound reaches the heap: one at a time, in label order
-                auto& h = heaps[b];
-                const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_c[b]), sec, s);
-                const float floor = static_cast<int64_t>(h.size()) < a.k2 ? NEG_INF : h.front().u - a.slack;
-                uint32_t hit = m & _mm512_cmp_ps_mask(u, _mm512_set1_ps(floor), _CMP_GT_OQ);
-                if (hit) {
-                    _mm512_store_ps(sc, s);
-                    _mm512_store_ps(uc, u);
-                    _mm512_store_ps(lg, logit);
-                    uint32_t taken = 0;
-                    for (int l = 0; l < n; ++l)
-                        if ((hit >> l & 1u) && offer<true>(a, b, i0 + l, sc[l], uc[l], lg[l], h, ac)) taken |= 1u << l;
-                    logit = _mm512_mask_blend_ps(static_cast<__mmask16>(taken), logit, ninf);
-                }
+        for (int64_t b0 = 0; b0 < a.B; b0 += 4) {  // queries in groups of up to 4
+            switch (std::min<int64_t>(4, a.B - b0)) {
+                case 4: scan_group<VC, 4>(a, b0, i0, n, alive, many, yb, yt, ec, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 3: scan_group<VC, 3>(a, b0, i0, n, alive, many, yb, yt, ec, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 2: scan_group<VC, 2>(a, b0, i0, n, alive, many, yb, yt, ec, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                default: scan_group<VC, 1>(a, b0, i0, n, alive, many, yb, yt, ec, sec, ptr, acc, heaps, lanes_z, lanes_v);
             }
-            const float top = _mm512_reduce_max_ps(logit);
-            if (top == NEG_INF) continue;
-            if (top > ac.max) {  // rescale what came before to the new maximum
-                const float keep = ac.max == NEG_INF ? 0.f : std::exp(ac.max - top);
-                ac.z *= keep;
-                ac.v *= keep;
-                for (int v = 0; v < VC; ++v)
-                    _mm512_storeu_ps(ac.y.data() + v * 16,
-                                     _mm512_mul_ps(_mm512_set1_ps(keep), _mm512_loadu_ps(ac.y.data() + v * 16)));
-                ac.max = top;
-            }
-            const __m512 w = exp16(_mm512_sub_ps(logit, _mm512_set1_ps(ac.max)));
-            ac.z += _mm512_reduce_add_ps(w);
-            ac.v += _mm512_reduce_add_ps(_mm512_mul_ps(w, ec));
-            _mm512_store_ps(ww, w);
-            __m512 ay[VC];
-            for (int v = 0; v < VC; ++v) ay[v] = _mm512_loadu_ps(ac.y.data() + v * 16);
-            for (int l = 0; l < n; ++l) {
-                if (ww[l] == 0.f) continue;
-                const __m512 wl = _mm512_set1_ps(ww[l]);
-                for (int v = 0; v < VC; ++v) ay[v] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(yb + (l * VC + v) * 16), ay[v]);
-            }
-            for (int v = 0; v < VC; ++v) _mm512_storeu_ps(ac.y.data() + v * 16, ay[v]);
         }
+    }
+    for (int64_t b = 0; b < a.B; ++b) {
+        acc[b].z += _mm512_reduce_add_ps(_mm512_loadu_ps(lanes_z.data() + b * 16));
+        acc[b].v += _mm512_reduce_add_ps(_mm512_loadu_ps(lanes_v.data() + b * 16));
     }
 }
 
@@ -386,10 +429,18 @@ bool use_avx512() {
 }
 #endif
 
+// beta + cvar bounds every logit (scores and energies are at most 1); usable as a fixed shift of
+// the weights while the smallest logit, -beta, stays far from float underflow after it
+bool fixed_shift(const Args& a) {
+    float top = 0.f;
+    for (int64_t b = 0; b < a.B; ++b) top = std::max(top, a.cvar[b]);
+    return 2.f * a.beta + top < 80.f;
+}
+
 void scan_dispatch(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
                    std::vector<std::vector<Entry>>& heaps) {
 #ifdef HOREN_HAVE_AVX512
-    if (use_avx512()) {
+    if (use_avx512() && fixed_shift(a)) {
         switch (a.rc) {
             case 16: return scan_range512<1>(a, lo, hi, acc, heaps);
             case 32: return scan_range512<2>(a, lo, hi, acc, heaps);
@@ -460,8 +511,12 @@ void sketch_scan(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t perp, u
     const int T = pick_threads(B * L * rc, threads);
     std::vector<std::vector<Acc>> acc(T, std::vector<Acc>(B));
     std::vector<std::vector<std::vector<Entry>>> heaps(T, std::vector<std::vector<Entry>>(B));
+    const bool fixed = fixed_shift(a);
     for (auto& per : acc)
-        for (auto& q : per) q.y.assign(rc, 0.f);
+        for (int64_t b = 0; b < B; ++b) {
+            per[b].y.assign(rc, 0.f);
+            if (fixed) per[b].max = a.beta + a.cvar[b];  // weights relative to the largest possible logit
+        }
     py::gil_scoped_release release;
 #pragma omp parallel for num_threads(T) schedule(static, 1)
     for (int t = 0; t < T; ++t) scan_dispatch(a, L * t / T, L * (t + 1) / T, acc[t], heaps[t]);

@@ -16,7 +16,9 @@ keeps a low-rank sketch of every key (horen_fast/sketch.py) and, in one pass ove
   the exact candidates' part of the Hopfield step;
 - after the step, rescores exactly every key whose bound can still beat the best final cosine or
   pass the threshold (``rescue``, on by default), so the final decision is exact for the refined
-  query.
+  query. The scan also bounds every key left outside the exact set (its ``sketch_candidates``-th
+  bound); carried through the steps like safe mode's bound below, it lets most rows skip this
+  second pass.
 ``tail="none"`` is the candidates alone. Either way it is an approximation: measure it as
 decisions (matched, index) that agree with exact retrieval (bench/bench_prefilter.py), not as
 recall.
