@@ -42,14 +42,15 @@ struct Args {
     const float* qf;          // [B, rf] ... in the other rf
     const float* perp_c;      // [B] |q outside the first rc directions|
     const float* perp;        // [B] |q outside the basis|
-    const float* cvar;        // [B] 0.5 beta^2 |q outside rc|^2 / (d - rc): times a row's e_c
+    const float* cvar;        // [B] 0.5 beta^2 |q outside rt|^2 / (d - rt): times a row's e_t
     const uint16_t* rows_c;   // [L, rc] bfloat16
     const uint16_t* rows_f;   // [L, rf] bfloat16
+    const float* e_t;         // [L] 1 - |first rt values of y_c|^2 (the tail model's residual)
     const float* e_c;         // [L] 1 - |y_c|^2
     const float* e;           // [L] 1 - |y|^2
     const uint8_t* alive;     // [L]
     const int64_t* excl;      // [B, K] ascending per row, padded with values >= L
-    int64_t B, rc, rf, L, K, k2;
+    int64_t B, rt, rc, rf, L, K, k2;   // rt <= rc: the tail model reads the first rt columns
     float beta, slack;
 };
 
@@ -85,20 +86,20 @@ inline float dot_bf16(const float* q, const uint16_t* row, int64_t n) {
     return s;
 }
 
-// add a row (logit, coarse row, e_c) to a query's tail
-inline void absorb(Acc& a, float logit, const uint16_t* yc, float ec, int64_t rc) {
+// add a row (logit, its first rt coarse values, e_t) to a query's tail
+inline void absorb(Acc& a, float logit, const uint16_t* yc, float et, int64_t rt) {
     if (logit == NEG_INF) return;
     if (logit > a.max) {  // rescale what came before to the new maximum
         float keep = a.max == NEG_INF ? 0.f : std::exp(a.max - logit);
         a.z *= keep;
         a.v *= keep;
-        for (int64_t j = 0; j < rc; ++j) a.y[j] *= keep;
+        for (int64_t j = 0; j < rt; ++j) a.y[j] *= keep;
         a.max = logit;
     }
     float w = std::exp(logit - a.max);
     a.z += w;
-    a.v += static_cast<double>(w) * ec;
-    for (int64_t j = 0; j < rc; ++j) a.y[j] += w * bf16(yc[j]);
+    a.v += static_cast<double>(w) * et;
+    for (int64_t j = 0; j < rt; ++j) a.y[j] += w * bf16(yc[j]);
 }
 
 #ifdef HOREN_HAVE_AVX512
@@ -145,7 +146,7 @@ template <bool AVX512> inline bool offer(const Args& a, int64_t b, int64_t i, fl
     std::pop_heap(h.begin(), h.end(), heap_less);
     h.back() = {u, logit, i};
     std::push_heap(h.begin(), h.end(), heap_less);
-    absorb(acc, out.logit, a.rows_c + out.label * a.rc, a.e_c[out.label], a.rc);
+    absorb(acc, out.logit, a.rows_c + out.label * a.rc, a.e_t[out.label], a.rt);
     return true;
 }
 
@@ -163,16 +164,20 @@ void scan_range(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
     for (int64_t i = lo; i < hi; ++i) {
         if (!a.alive[i]) continue;
         const uint16_t* yc = a.rows_c + i * a.rc;
-        const float ec = a.e_c[i], sec = std::sqrt(ec);
+        const float et = a.e_t[i], sec = std::sqrt(a.e_c[i]);
         for (int64_t b = 0; b < a.B; ++b) {
             const int64_t* ex = a.excl + b * a.K;
             int64_t& p = ptr[b];
             while (p < a.K && ex[p] < i) ++p;
             if (p < a.K && ex[p] == i) continue;  // this row's own candidate
-            const float sc = dot_bf16(a.qc + b * a.rc, yc, a.rc);
-            const float logit = a.beta * sc + a.cvar[b] * ec;
-            if (a.k2 > 0 && offer<false>(a, b, i, sc, sc + a.perp_c[b] * sec, logit, heaps[b], acc[b])) continue;
-            absorb(acc[b], logit, yc, ec, a.rc);
+            const float* q = a.qc + b * a.rc;
+            const float st = dot_bf16(q, yc, a.rt);
+            const float logit = a.beta * st + a.cvar[b] * et;
+            if (a.k2 > 0) {
+                const float sc = st + dot_bf16(q + a.rt, yc + a.rt, a.rc - a.rt);
+                if (offer<false>(a, b, i, sc, sc + a.perp_c[b] * sec, logit, heaps[b], acc[b])) continue;
+            }
+            absorb(acc[b], logit, yc, et, a.rt);
         }
     }
 }
@@ -225,49 +230,40 @@ template <int VC> HOREN_AVX512 inline void widen_block(const uint16_t* src, floa
         }
 }
 
-// the 16 coarse scores q_c . y_c of a block (lanes past n are 0)
-template <int VC> HOREN_AVX512 inline __m512 scores16(const float* q, const float* yb, int n) {
-    __m512 qv[VC];
-    for (int v = 0; v < VC; ++v) qv[v] = _mm512_loadu_ps(q + v * 16);
-    alignas(64) float s[16] = {0.f};
-    for (int l = 0; l < n; ++l) {
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(yb + l * VC * 16));
-        for (int v = 1; v < VC; ++v) acc = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(yb + (l * VC + v) * 16), acc);
-        s[l] = _mm512_reduce_add_ps(acc);
+// the 16 scores over columns [V0 * 16, V1 * 16) of a row-major block of rows VC * 16 wide
+// (lanes past n are 0)
+template <int V0, int V1, int VC> HOREN_AVX512 inline __m512 scores16(const float* q, const float* yb, int n) {
+    if constexpr (V1 <= V0) {
+        return _mm512_setzero_ps();
+    } else {
+        __m512 qv[V1 - V0];
+        for (int v = V0; v < V1; ++v) qv[v - V0] = _mm512_loadu_ps(q + v * 16);
+        alignas(64) float s[16] = {0.f};
+        for (int l = 0; l < n; ++l) {
+            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(yb + (l * VC + V0) * 16));
+            for (int v = V0 + 1; v < V1; ++v)
+                acc = _mm512_fmadd_ps(qv[v - V0], _mm512_loadu_ps(yb + (l * VC + v) * 16), acc);
+            s[l] = _mm512_reduce_add_ps(acc);
+        }
+        return _mm512_load_ps(s);
     }
-    return _mm512_load_ps(s);
 }
 
-// the block transposed: dst[j][l] = src[l][j] (RC x 16 floats; lanes past n are 0), so that
-// one query's 16 scores are RC multiply-adds of 16 lanes with no horizontal sums (many queries)
-template <int VC> HOREN_AVX512 inline void transpose_block(const float* src, float* dst, int n) {
-    constexpr int RC = VC * 16;
-    if (n < 16) std::memset(dst, 0, sizeof(float) * RC * 16);
+// the first ``cols`` columns of the block transposed: dst[j][l] = src[l][j] (lanes past n are 0),
+// so that one query's 16 scores are multiply-adds of 16 lanes with no horizontal sums
+template <int VC> HOREN_AVX512 inline void transpose_block(const float* src, float* dst, int n, int cols) {
+    if (n < 16) std::memset(dst, 0, sizeof(float) * cols * 16);
     for (int l = 0; l < n; ++l)
-        for (int j = 0; j < RC; ++j) dst[j * 16 + l] = src[l * RC + j];
+        for (int j = 0; j < cols; ++j) dst[j * 16 + l] = src[l * VC * 16 + j];
 }
 
-template <int VC> HOREN_AVX512 inline __m512 scores16_t(const float* q, const float* yt) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int j = 0; j < VC * 16; j += 4) {
-        a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[j]), _mm512_load_ps(yt + j * 16), a0);
-        a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[j + 1]), _mm512_load_ps(yt + (j + 1) * 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_set1_ps(q[j + 2]), _mm512_load_ps(yt + (j + 2) * 16), a2);
-        a3 = _mm512_fmadd_ps(_mm512_set1_ps(q[j + 3]), _mm512_load_ps(yt + (j + 3) * 16), a3);
-    }
-    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-}
-
-// the 16 scores of a block for G <= 4 queries at once: each transposed row of the block is loaded
-// once for all of them (the loads, not the multiply-adds, bound the one-query version)
-template <int VC, int G> HOREN_AVX512 inline void scores16_g(const float* const* q, const float* yt, __m512* out) {
-    __m512 acc[G];
-    for (int k = 0; k < G; ++k) acc[k] = _mm512_setzero_ps();
-    for (int j = 0; j < VC * 16; ++j) {
+// add the 16 scores over columns [J0, J1) of a transposed block for G queries to acc[G]: each
+// transposed column is loaded once for the whole group
+template <int J0, int J1, int G> HOREN_AVX512 inline void scores16_g(const float* const* q, const float* yt, __m512* acc) {
+    for (int j = J0; j < J1; ++j) {
         const __m512 y = _mm512_load_ps(yt + j * 16);
         for (int k = 0; k < G; ++k) acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(q[k][j]), y, acc[k]);
     }
-    for (int k = 0; k < G; ++k) out[k] = acc[k];
 }
 
 constexpr int64_t TRANSPOSE_FROM = 8;  // queries per pass from which the transposed block pays off
@@ -286,40 +282,53 @@ inline uint32_t alive_lanes(const Args& a, int64_t i0, int n) {
     return alive;
 }
 
-// one block of 16 rows for G queries b0 .. b0 + G - 1: scores, near-key offers, weights, and the
-// weighted rows (each row of the block loaded once for the group)
-template <int VC, int G> HOREN_AVX512 inline void scan_group(
+// one block of 16 rows for G queries b0 .. b0 + G - 1: scores (tail columns, and the rest of the
+// coarse columns when near keys are wanted), near-key offers, weights, and the weighted rows
+// (each row of the block loaded once for the group)
+template <int VT, int VC, int G> HOREN_AVX512 inline void scan_group(
         const Args& a, int64_t b0, int64_t i0, int n, uint32_t alive, bool many, const float* yb,
-        const float* yt, __m512 ec, __m512 sec, std::vector<int64_t>& ptr, std::vector<Acc>& acc,
+        const float* yt, __m512 et, __m512 sec, std::vector<int64_t>& ptr, std::vector<Acc>& acc,
         std::vector<std::vector<Entry>>& heaps, std::vector<float>& lanes_z, std::vector<float>& lanes_v) {
     constexpr int RC = VC * 16;
-    alignas(64) float sc[16], uc[16], lg[16], w[G][16];
-    __m512 s[G];
+    alignas(64) float sc_l[16], uc[16], lg[16], w[G][16];
+    __m512 st[G], sc[G];
     uint32_t m[G], any = 0;
     for (int k = 0; k < G; ++k) any |= m[k] = lanes(a, a.excl + (b0 + k) * a.K, ptr[b0 + k], i0, n, alive);
     if (!any) return;
+    const bool near = a.k2 > 0;
     if (many) {
         const float* qs[G];
-        for (int k = 0; k < G; ++k) qs[k] = a.qc + (b0 + k) * RC;
-        scores16_g<VC, G>(qs, yt, s);
+        for (int k = 0; k < G; ++k) {
+            qs[k] = a.qc + (b0 + k) * RC;
+            st[k] = _mm512_setzero_ps();
+        }
+        scores16_g<0, VT * 16, G>(qs, yt, st);
+        if (near) {
+            for (int k = 0; k < G; ++k) sc[k] = st[k];
+            scores16_g<VT * 16, RC, G>(qs, yt, sc);
+        }
     } else {
-        for (int k = 0; k < G; ++k) s[k] = scores16<VC>(a.qc + (b0 + k) * RC, yb, n);
+        for (int k = 0; k < G; ++k) {
+            const float* q = a.qc + (b0 + k) * RC;
+            st[k] = scores16<0, VT, VC>(q, yb, n);
+            if (near) sc[k] = _mm512_add_ps(st[k], scores16<VT, VC, VC>(q, yb, n));
+        }
     }
     for (int k = 0; k < G; ++k) {
         const int64_t b = b0 + k;
-        const __m512 logit = _mm512_fmadd_ps(_mm512_set1_ps(a.beta), s[k], _mm512_mul_ps(_mm512_set1_ps(a.cvar[b]), ec));
+        const __m512 logit = _mm512_fmadd_ps(_mm512_set1_ps(a.beta), st[k], _mm512_mul_ps(_mm512_set1_ps(a.cvar[b]), et));
         Acc& ac = acc[b];
-        if (m[k] && a.k2 > 0) {  // rows whose coarse bound reaches the heap: one at a time, in label order
+        if (m[k] && near) {  // rows whose coarse bound reaches the heap: one at a time, in label order
             auto& h = heaps[b];
-            const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_c[b]), sec, s[k]);
+            const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_c[b]), sec, sc[k]);
             const float floor = static_cast<int64_t>(h.size()) < a.k2 ? NEG_INF : h.front().u - a.slack;
             uint32_t hit = m[k] & _mm512_cmp_ps_mask(u, _mm512_set1_ps(floor), _CMP_GT_OQ);
             if (hit) {
-                _mm512_store_ps(sc, s[k]);
+                _mm512_store_ps(sc_l, sc[k]);
                 _mm512_store_ps(uc, u);
                 _mm512_store_ps(lg, logit);
                 for (int l = 0; l < n; ++l)
-                    if ((hit >> l & 1u) && offer<true>(a, b, i0 + l, sc[l], uc[l], lg[l], h, ac)) m[k] &= ~(1u << l);
+                    if ((hit >> l & 1u) && offer<true>(a, b, i0 + l, sc_l[l], uc[l], lg[l], h, ac)) m[k] &= ~(1u << l);
             }
         }
         const __m512 wk = _mm512_maskz_mov_ps(static_cast<__mmask16>(m[k]),
@@ -327,31 +336,31 @@ template <int VC, int G> HOREN_AVX512 inline void scan_group(
         float* lz = lanes_z.data() + b * 16;
         float* lv = lanes_v.data() + b * 16;
         _mm512_storeu_ps(lz, _mm512_add_ps(_mm512_loadu_ps(lz), wk));
-        _mm512_storeu_ps(lv, _mm512_fmadd_ps(wk, ec, _mm512_loadu_ps(lv)));
+        _mm512_storeu_ps(lv, _mm512_fmadd_ps(wk, et, _mm512_loadu_ps(lv)));
         _mm512_store_ps(w[k], wk);
     }
     any = 0;
     for (int k = 0; k < G; ++k) any |= m[k];
-    __m512 ay[G][VC];
+    __m512 ay[G][VT];
     for (int k = 0; k < G; ++k)
-        for (int v = 0; v < VC; ++v) ay[k][v] = _mm512_loadu_ps(acc[b0 + k].y.data() + v * 16);
+        for (int v = 0; v < VT; ++v) ay[k][v] = _mm512_loadu_ps(acc[b0 + k].y.data() + v * 16);
     for (uint32_t bits = any; bits; bits &= bits - 1) {
         const int l = __builtin_ctz(bits);
-        __m512 y[VC];
-        for (int v = 0; v < VC; ++v) y[v] = _mm512_loadu_ps(yb + (l * VC + v) * 16);
+        __m512 y[VT];
+        for (int v = 0; v < VT; ++v) y[v] = _mm512_loadu_ps(yb + (l * VC + v) * 16);
         for (int k = 0; k < G; ++k) {
             const __m512 wl = _mm512_set1_ps(w[k][l]);
-            for (int v = 0; v < VC; ++v) ay[k][v] = _mm512_fmadd_ps(wl, y[v], ay[k][v]);
+            for (int v = 0; v < VT; ++v) ay[k][v] = _mm512_fmadd_ps(wl, y[v], ay[k][v]);
         }
     }
     for (int k = 0; k < G; ++k)
-        for (int v = 0; v < VC; ++v) _mm512_storeu_ps(acc[b0 + k].y.data() + v * 16, ay[k][v]);
+        for (int v = 0; v < VT; ++v) _mm512_storeu_ps(acc[b0 + k].y.data() + v * 16, ay[k][v]);
 }
 
 // Every query's weights are taken relative to a fixed shift, the largest logit possible
 // (acc[b].max = beta + cvar[b], see fixed_shift), so no running maximum and no rescaling: the
 // weight sum and weighted energy add up lane by lane, and nothing underflows (logits >= -beta).
-template <int VC> HOREN_AVX512
+template <int VT, int VC> HOREN_AVX512
 void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
                    std::vector<std::vector<Entry>>& heaps) {
     constexpr int RC = VC * 16;
@@ -365,19 +374,20 @@ void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
         if (!alive) continue;
         widen_block<VC>(a.rows_c + i0 * RC, yb, n);
         if (many) {  // many queries: most of this block's fine rows will be read; fetch the next block's
-            transpose_block<VC>(yb, yt, n);
+            transpose_block<VC>(yb, yt, n, a.k2 > 0 ? RC : VT * 16);
             const int64_t next = std::min<int64_t>(i0 + 16, hi), rows = std::min<int64_t>(16, hi - next);
             const char* at = reinterpret_cast<const char*>(a.rows_f + next * a.rf);
             for (int64_t off = 0; off < rows * a.rf * 2; off += 64) _mm_prefetch(at + off, _MM_HINT_T0);
         }
-        const __m512 ec = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), a.e_c + i0);
-        const __m512 sec = _mm512_sqrt_ps(ec);
+        const __mmask16 full = static_cast<__mmask16>((1u << n) - 1u);
+        const __m512 et = _mm512_maskz_loadu_ps(full, a.e_t + i0);
+        const __m512 sec = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(full, a.e_c + i0));
         for (int64_t b0 = 0; b0 < a.B; b0 += 4) {  // queries in groups of up to 4
             switch (std::min<int64_t>(4, a.B - b0)) {
-                case 4: scan_group<VC, 4>(a, b0, i0, n, alive, many, yb, yt, ec, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
-                case 3: scan_group<VC, 3>(a, b0, i0, n, alive, many, yb, yt, ec, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
-                case 2: scan_group<VC, 2>(a, b0, i0, n, alive, many, yb, yt, ec, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
-                default: scan_group<VC, 1>(a, b0, i0, n, alive, many, yb, yt, ec, sec, ptr, acc, heaps, lanes_z, lanes_v);
+                case 4: scan_group<VT, VC, 4>(a, b0, i0, n, alive, many, yb, yt, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 3: scan_group<VT, VC, 3>(a, b0, i0, n, alive, many, yb, yt, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 2: scan_group<VT, VC, 2>(a, b0, i0, n, alive, many, yb, yt, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                default: scan_group<VT, VC, 1>(a, b0, i0, n, alive, many, yb, yt, et, sec, ptr, acc, heaps, lanes_z, lanes_v);
             }
         }
     }
@@ -399,12 +409,15 @@ void rescue_range512(const Args& a, const float* floor, int64_t lo, int64_t hi,
         const uint32_t alive = alive_lanes(a, i0, n);
         if (!alive) continue;
         widen_block<VC>(a.rows_c + i0 * RC, yb, n);
-        if (many) transpose_block<VC>(yb, yt, n);
+        if (many) transpose_block<VC>(yb, yt, n, RC);
         const __m512 sec = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), a.e_c + i0));
         for (int64_t b = 0; b < a.B; ++b) {
             uint32_t m = lanes(a, a.excl + b * a.K, ptr[b], i0, n, alive);
             if (!m) continue;
-            const __m512 s = many ? scores16_t<VC>(a.qc + b * RC, yt) : scores16<VC>(a.qc + b * RC, yb, n);
+            __m512 s = _mm512_setzero_ps();
+            const float* q = a.qc + b * RC;
+            if (many) scores16_g<0, RC, 1>(&q, yt, &s);
+            else s = scores16<0, VC, VC>(q, yb, n);
             const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_c[b]), sec, s);
             uint32_t hit = m & _mm512_cmp_ps_mask(_mm512_add_ps(u, _mm512_set1_ps(a.slack)),
                                                  _mm512_set1_ps(floor[b]), _CMP_GT_OQ);
@@ -441,10 +454,13 @@ void scan_dispatch(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
                    std::vector<std::vector<Entry>>& heaps) {
 #ifdef HOREN_HAVE_AVX512
     if (use_avx512() && fixed_shift(a)) {
-        switch (a.rc) {
-            case 16: return scan_range512<1>(a, lo, hi, acc, heaps);
-            case 32: return scan_range512<2>(a, lo, hi, acc, heaps);
-            case 64: return scan_range512<4>(a, lo, hi, acc, heaps);
+        switch (a.rc * 1000 + a.rt) {  // (coarse, tail) widths with a specialization
+            case 16016: return scan_range512<1, 1>(a, lo, hi, acc, heaps);
+            case 32016: return scan_range512<1, 2>(a, lo, hi, acc, heaps);
+            case 32032: return scan_range512<2, 2>(a, lo, hi, acc, heaps);
+            case 64016: return scan_range512<1, 4>(a, lo, hi, acc, heaps);
+            case 64032: return scan_range512<2, 4>(a, lo, hi, acc, heaps);
+            case 64064: return scan_range512<4, 4>(a, lo, hi, acc, heaps);
             default: break;
         }
     }
@@ -467,14 +483,14 @@ void rescue_dispatch(const Args& a, const float* floor, int64_t lo, int64_t hi,
     rescue_range(a, floor, lo, hi, out);
 }
 
-void merge(Acc& into, const Acc& from, int64_t rc) {
+void merge(Acc& into, const Acc& from, int64_t rt) {
     if (from.max == NEG_INF) return;
     if (into.max == NEG_INF) { into = from; return; }
     float m = std::max(into.max, from.max);
     float ki = std::exp(into.max - m), kf = std::exp(from.max - m);
     into.z = into.z * ki + from.z * kf;
     into.v = into.v * ki + from.v * kf;
-    for (int64_t j = 0; j < rc; ++j) into.y[j] = into.y[j] * ki + from.y[j] * kf;
+    for (int64_t j = 0; j < rt; ++j) into.y[j] = into.y[j] * ki + from.y[j] * kf;
     into.max = m;
 }
 
@@ -487,34 +503,36 @@ int pick_threads(int64_t work, int requested) {
 template <class T> T* ptr_of(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 Args make_args(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t perp, uintptr_t cvar,
-               uintptr_t rows_c, uintptr_t rows_f, uintptr_t e_c, uintptr_t e, uintptr_t alive,
-               uintptr_t excl, int64_t B, int64_t rc, int64_t rf, int64_t L, int64_t K, int64_t k2,
-               float beta, float slack) {
+               uintptr_t rows_c, uintptr_t rows_f, uintptr_t e_t, uintptr_t e_c, uintptr_t e,
+               uintptr_t alive, uintptr_t excl, int64_t B, int64_t rt, int64_t rc, int64_t rf, int64_t L,
+               int64_t K, int64_t k2, float beta, float slack) {
     return Args{ptr_of<const float>(qc), ptr_of<const float>(qf), ptr_of<const float>(perp_c),
                 ptr_of<const float>(perp), ptr_of<const float>(cvar), ptr_of<const uint16_t>(rows_c),
-                ptr_of<const uint16_t>(rows_f), ptr_of<const float>(e_c), ptr_of<const float>(e),
-                ptr_of<const uint8_t>(alive), ptr_of<const int64_t>(excl), B, rc, rf, L, K, k2, beta, slack};
+                ptr_of<const uint16_t>(rows_f), ptr_of<const float>(e_t), ptr_of<const float>(e_c),
+                ptr_of<const float>(e), ptr_of<const uint8_t>(alive), ptr_of<const int64_t>(excl),
+                B, std::min(rt, rc), rc, rf, L, K, k2, beta, slack};
 }
 
 }  // namespace
 
-// Fills out_max [B], out_z [B], out_y [B, rc], out_v [B] (the tail over the coarse rows: weights
-// relative to exp(out_max); out_v sums weight * e_c), near [B, k2] (labels, -1 padding, by
-// descending full bound) and near_u [B, k2] (those bounds).
+// Fills out_max [B], out_z [B], out_y [B, rt], out_v [B] (the tail over the first rt coarse
+// columns: weights relative to exp(out_max); out_v sums weight * e_t), near [B, k2] (labels, -1
+// padding, by descending full bound) and near_u [B, k2] (those bounds).
 void sketch_scan(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t perp, uintptr_t cvar,
-                 uintptr_t rows_c, uintptr_t rows_f, uintptr_t e_c, uintptr_t e, uintptr_t alive,
-                 uintptr_t excl, int64_t B, int64_t rc, int64_t rf, int64_t L, int64_t K, int64_t k2,
-                 float beta, float slack, int threads, uintptr_t out_max, uintptr_t out_z,
-                 uintptr_t out_y, uintptr_t out_v, uintptr_t near, uintptr_t near_u) {
-    const Args a = make_args(qc, qf, perp_c, perp, cvar, rows_c, rows_f, e_c, e, alive, excl, B, rc,
-                             rf, L, K, k2, beta, slack);
-    const int T = pick_threads(B * L * rc, threads);
+                 uintptr_t rows_c, uintptr_t rows_f, uintptr_t e_t, uintptr_t e_c, uintptr_t e,
+                 uintptr_t alive, uintptr_t excl, int64_t B, int64_t rt, int64_t rc, int64_t rf, int64_t L,
+                 int64_t K, int64_t k2, float beta, float slack, int threads, uintptr_t out_max,
+                 uintptr_t out_z, uintptr_t out_y, uintptr_t out_v, uintptr_t near, uintptr_t near_u) {
+    const Args a = make_args(qc, qf, perp_c, perp, cvar, rows_c, rows_f, e_t, e_c, e, alive, excl, B,
+                             rt, rc, rf, L, K, k2, beta, slack);
+    rt = a.rt;
+    const int T = pick_threads(B * L * (k2 > 0 ? rc : rt), threads);
     std::vector<std::vector<Acc>> acc(T, std::vector<Acc>(B));
     std::vector<std::vector<std::vector<Entry>>> heaps(T, std::vector<std::vector<Entry>>(B));
     const bool fixed = fixed_shift(a);
     for (auto& per : acc)
         for (int64_t b = 0; b < B; ++b) {
-            per[b].y.assign(rc, 0.f);
+            per[b].y.assign(rt, 0.f);
             if (fixed) per[b].max = a.beta + a.cvar[b];  // weights relative to the largest possible logit
         }
     py::gil_scoped_release release;
@@ -524,18 +542,18 @@ void sketch_scan(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t perp, u
         Acc& total = acc[0][b];
         std::vector<Entry> pool;
         for (int t = 0; t < T; ++t) {
-            if (t) merge(total, acc[t][b], rc);
+            if (t) merge(total, acc[t][b], rt);
             pool.insert(pool.end(), heaps[t][b].begin(), heaps[t][b].end());
         }
         std::sort(pool.begin(), pool.end(), [](const Entry& x, const Entry& y) {
             return x.u != y.u ? x.u > y.u : x.label < y.label;
         });
         for (size_t j = static_cast<size_t>(k2); j < pool.size(); ++j)  // not among the k2: tail
-            absorb(total, pool[j].logit, a.rows_c + pool[j].label * rc, a.e_c[pool[j].label], rc);
+            absorb(total, pool[j].logit, a.rows_c + pool[j].label * rc, a.e_t[pool[j].label], a.rt);
         ptr_of<float>(out_max)[b] = total.max;
         ptr_of<float>(out_z)[b] = static_cast<float>(total.z);
         ptr_of<float>(out_v)[b] = static_cast<float>(total.v);
-        std::memcpy(ptr_of<float>(out_y) + b * rc, total.y.data(), rc * sizeof(float));
+        std::memcpy(ptr_of<float>(out_y) + b * rt, total.y.data(), rt * sizeof(float));
         for (int64_t j = 0; j < k2; ++j) {
             const bool has = j < static_cast<int64_t>(pool.size());
             ptr_of<int64_t>(near)[b * k2 + j] = has ? pool[j].label : -1;
@@ -549,8 +567,8 @@ py::tuple sketch_rescue(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t 
                         uintptr_t rows_f, uintptr_t e_c, uintptr_t e, uintptr_t alive, uintptr_t excl,
                         uintptr_t floor, int64_t B, int64_t rc, int64_t rf, int64_t L, int64_t K,
                         float slack, int threads) {
-    const Args a = make_args(qc, qf, perp_c, perp, 0, rows_c, rows_f, e_c, e, alive, excl, B, rc, rf,
-                             L, K, 0, 0.f, slack);
+    const Args a = make_args(qc, qf, perp_c, perp, 0, rows_c, rows_f, e_c, e_c, e, alive, excl, B, rc,
+                             rc, rf, L, K, 0, 0.f, slack);
     const int T = pick_threads(B * L * rc, threads);
     std::vector<std::vector<std::pair<int64_t, int64_t>>> found(T);
     {

@@ -24,7 +24,8 @@ decisions (matched, index) that agree with exact retrieval (bench/bench_prefilte
 recall.
 
 Options (``prefilter_options``): ``tail`` ("sketch" or "none"), ``sketch_rank`` (128),
-``tail_rank`` (64: the coarse part of the sketch, which the tail model reads),
+``tail_rank`` (16: the sketch coordinates the tail model reads), ``bound_rank`` (64: the coarse
+part every pass reads for its first bound),
 ``sketch_candidates`` (= ``candidates``), ``sketch_from`` (1024: the basis is the identity, and the
 tail exact, below this many keys), ``rescue`` (True); index tuning: ``nlist``, ``nprobe``,
 ``hnsw_m``, ``ef_search``, ``ef_construction``, ``rebuild_fraction``, ``seed``.
@@ -73,7 +74,7 @@ __all__ = ["FaissPrefilter", "INDEX_KINDS", "prefiltered_retrieve"]
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 _OPTIONS = {"nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "rebuild_fraction", "seed",
-            "tail", "sketch_rank", "tail_rank", "sketch_from", "sketch_candidates", "rescue"}
+            "tail", "sketch_rank", "tail_rank", "bound_rank", "sketch_from", "sketch_candidates", "rescue"}
 TAILS = ("sketch", "none")
 
 
@@ -152,7 +153,8 @@ class FaissPrefilter:
             if not isinstance(self.rescue, bool):
                 raise TypeError(f"prefilter option rescue must be True or False, got {self.rescue!r}")
             self.sketch = KeySketch(key_dim, options.get("sketch_rank", 128),
-                                    tail_rank=options.get("tail_rank", 64),
+                                    tail_rank=options.get("tail_rank", 16),
+                                    bound_rank=options.get("bound_rank", 64),
                                     fit_from=int(options.get("sketch_from", 1024)), device=self.device,
                                     seed=int(options.get("seed", 1234)))
         self._reset()

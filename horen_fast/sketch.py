@@ -54,21 +54,22 @@ _SLACK = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 class KeySketch:
     """Label-aligned sketch rows with residual energies and an alive mask.
 
-    A row is kept in two parts: the coarse part (the first ``tail_rank`` basis coordinates, 64 by
-    default), which the tail model and a first, coarse bound read for every key, and the fine part
-    (the other ``rank - tail_rank``), read only for keys whose coarse bound can still matter
-    (``u <= u_c``, Cauchy-Schwarz over the coordinates outside the coarse part). Rows are float32
-    while the basis is the identity (all coarse: exact) and bfloat16 once it is fitted (the bounds
-    carry the rounding in ``slack``)."""
+    A row is kept in two parts: the coarse part (the first ``bound_rank`` basis coordinates, 64 by
+    default), which every pass reads for every key, and the fine part (the other
+    ``rank - bound_rank``), read only for keys whose coarse bound can still matter (``u <= u_c``:
+    Cauchy-Schwarz over the coordinates outside the coarse part). The tail model reads the first
+    ``tail_rank`` (16) coordinates of the coarse part. Rows are float32 while the basis is the
+    identity (everything coarse: exact) and bfloat16 once it is fitted (the bounds carry the
+    rounding in ``slack``)."""
 
-    def __init__(self, key_dim: int, rank: int = 128, *, tail_rank: int = 64, fit_from: int = 1024,
-                 device: torch.device | str = "cpu", seed: int = 1234):
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"sketch_rank must be a positive integer, got {rank!r}")
-        if isinstance(tail_rank, bool) or not isinstance(tail_rank, int) or tail_rank < 1:
-            raise ValueError(f"tail_rank must be a positive integer, got {tail_rank!r}")
+    def __init__(self, key_dim: int, rank: int = 128, *, tail_rank: int = 16, bound_rank: int = 64,
+                 fit_from: int = 1024, device: torch.device | str = "cpu", seed: int = 1234):
+        for name, value in (("sketch_rank", rank), ("tail_rank", tail_rank), ("bound_rank", bound_rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.key_dim, self.rank = key_dim, min(rank, key_dim)
-        self.fitted_tail_rank = min(tail_rank, self.rank)
+        self.fitted_bound_rank = min(bound_rank, self.rank)
+        self.fitted_tail_rank = min(tail_rank, self.fitted_bound_rank)
         self.fit_from = max(int(fit_from), 4 * self.rank)
         self.device, self.seed = torch.device(device), seed
         self.basis: torch.Tensor | None = None   # [d, r]; None: identity (rows are the keys)
@@ -79,15 +80,20 @@ class KeySketch:
     def tail_rank(self) -> int:
         return self.key_dim if self.basis is None else self.fitted_tail_rank
 
+    @property
+    def bound_rank(self) -> int:
+        return self.key_dim if self.basis is None else self.fitted_bound_rank
+
     def clear(self) -> None:
         """Drop every row (the basis is kept)."""
         width = self.key_dim if self.basis is None else self.rank
         dtype = torch.float32 if self.basis is None else torch.bfloat16
-        self._coarse = torch.empty(0, self.tail_rank, dtype=dtype, device=self.device)
-        self._fine = torch.empty(0, width - self.tail_rank, dtype=dtype, device=self.device)
+        self._coarse = torch.empty(0, self.bound_rank, dtype=dtype, device=self.device)
+        self._fine = torch.empty(0, width - self.bound_rank, dtype=dtype, device=self.device)
         self.slack = _SLACK[dtype]
         self._energy = torch.empty(0, device=self.device)     # 1 - |y|^2
-        self._energy_c = torch.empty(0, device=self.device)   # 1 - |y_c|^2
+        self._energy_c = torch.empty(0, device=self.device)   # 1 - |y_c|^2 (the coarse part)
+        self._energy_t = torch.empty(0, device=self.device)   # 1 - |first tail_rank values|^2
         self._alive = torch.empty(0, dtype=torch.bool, device=self.device)
         self.count = 0
 
@@ -118,22 +124,19 @@ class KeySketch:
         n = keys.shape[0]
         if self.count + n > self._alive.shape[0]:  # grow by doubling: O(1) amortized per key
             cap = max(1024, 2 * self._alive.shape[0], self.count + n)
-            for name in ("_coarse", "_fine", "_energy", "_energy_c", "_alive"):
+            for name in ("_coarse", "_fine", "_energy", "_energy_c", "_energy_t", "_alive"):
                 old = getattr(self, name)
                 new = torch.zeros((cap,) + tuple(old.shape[1:]), dtype=old.dtype, device=self.device)
                 new[: self.count] = old[: self.count]
                 setattr(self, name, new)
         k = keys.to(self.device, torch.float32)
         y = k if self.basis is None else k @ self.basis
-        rc, at = self.tail_rank, slice(self.count, self.count + n)
+        rc, rt, at = self.bound_rank, self.tail_rank, slice(self.count, self.count + n)
         self._coarse[at] = y[:, :rc]
         self._fine[at] = y[:, rc:]
-        if self.basis is not None:
-            self._energy[at] = (1.0 - (y * y).sum(1)).clamp(min=0.0)
-            self._energy_c[at] = (1.0 - (y[:, :rc] * y[:, :rc]).sum(1)).clamp(min=0.0)
-        else:
-            self._energy[at] = 0.0
-            self._energy_c[at] = 0.0
+        for name, width in (("_energy", y.shape[1]), ("_energy_c", rc), ("_energy_t", rt)):
+            part = y[:, :width]
+            getattr(self, name)[at] = 0.0 if self.basis is None else (1.0 - (part * part).sum(1)).clamp(min=0.0)
         self._alive[at] = True
         self.count += n
 
@@ -143,23 +146,24 @@ class KeySketch:
 
     # ---- the passes ---------------------------------------------------------------------------
     def _parts(self, q: torch.Tensor):
-        """(q_c [B, rc], q_f [B, rf], the part of q outside the coarse directions [B, d] (None for
-        the identity), |q outside the basis|^2 [B], |q outside the coarse directions|^2 [B])."""
+        """(q_c [B, rc], q_f [B, rf], the part of q outside the tail's directions [B, d] (None for
+        the identity), and |q|^2 outside the basis, the coarse and the tail directions [B] each)."""
         b = q.shape[0]
         if self.basis is None:
             zero = torch.zeros(b, dtype=q.dtype, device=q.device)
-            return q, q[:, :0], None, zero, zero
+            return q, q[:, :0], None, zero, zero, zero
         p = self.basis.to(q.dtype)
-        rc = self.tail_rank
+        rc, rt = self.bound_rank, self.tail_rank
         qp = q @ p
         qc, qf = qp[:, :rc], qp[:, rc:]
-        outside_c = q - qc @ p[:, :rc].T
-        perp2_c = (outside_c * outside_c).sum(1)
+        outside_t = q - qp[:, :rt] @ p[:, :rt].T
+        perp2_t = (outside_t * outside_t).sum(1)
+        perp2_c = (perp2_t - (qp[:, rt:rc] ** 2).sum(1)).clamp(min=0.0)
         perp2 = (perp2_c - (qf * qf).sum(1)).clamp(min=0.0)
-        return qc.contiguous(), qf.contiguous(), outside_c, perp2, perp2_c
+        return qc.contiguous(), qf.contiguous(), outside_t, perp2, perp2_c, perp2_t
 
     def _spread(self) -> float:
-        """The residual variance per direction outside the coarse part, per unit of e_c."""
+        """The tail model's residual variance per direction outside its part, per unit of e_t."""
         return 1.0 / max(self.key_dim - self.tail_rank, 1)
 
     def _chunks(self, batch: int):
@@ -187,8 +191,9 @@ class KeySketch:
 
     def _native_rows(self, exclude: torch.Tensor):
         excl = torch.where(exclude >= 0, exclude, self.count).sort(dim=1).values.contiguous()
-        return (self._coarse.data_ptr(), self._fine.data_ptr(), self._energy_c.data_ptr(),
-                self._energy.data_ptr(), self._alive.data_ptr(), excl.data_ptr()), excl
+        return (self._coarse.data_ptr(), self._fine.data_ptr(), self._energy_t.data_ptr(),
+                self._energy_c.data_ptr(), self._energy.data_ptr(), self._alive.data_ptr(),
+                excl.data_ptr()), excl
 
     def scan(self, q: torch.Tensor, beta: float, exclude: torch.Tensor,
              nearest: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,32 +210,32 @@ class KeySketch:
             return self._scan_native(q, beta, exclude, nearest)
         return self._scan_torch(q, beta, exclude, nearest)
 
-    def _finish(self, outside_c, beta, run_max, run_z, run_y, run_v):
+    def _finish(self, outside_t, beta, run_max, run_z, run_y, run_v):
         """(log_z, mean) from the tail's sums (weights relative to exp(run_max))."""
         dtype = run_y.dtype
         z = run_z.clamp(min=torch.finfo(dtype).tiny)
         mean = run_y / z[:, None]
         if self.basis is not None:
             mean = (mean @ self.basis[:, : self.tail_rank].to(dtype).T
-                    + beta * (self._spread() * run_v / z)[:, None] * outside_c)
+                    + beta * (self._spread() * run_v / z)[:, None] * outside_t)
         log_z = torch.where(run_z > 0, run_max + torch.log(z), torch.full_like(z, float("-inf")))
         return log_z, mean
 
     def _scan_native(self, q, beta, exclude, nearest):
-        qc, qf, outside_c, perp2, perp2_c = self._parts(q)
-        b, rc, rf = q.shape[0], self._coarse.shape[1], self._fine.shape[1]
-        cvar = (0.5 * beta * beta * self._spread() * perp2_c).contiguous()
+        qc, qf, outside_t, perp2, perp2_c, perp2_t = self._parts(q)
+        b, rt, rc, rf = q.shape[0], self.tail_rank, self._coarse.shape[1], self._fine.shape[1]
+        cvar = (0.5 * beta * beta * self._spread() * perp2_t).contiguous()
         perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
         rows, excl = self._native_rows(exclude)
         run_max, run_z, run_v = (torch.empty(b) for _ in range(3))
-        run_y = torch.empty(b, rc)
+        run_y = torch.empty(b, rt)
         near = torch.empty(b, nearest, dtype=torch.long)
         near_u = torch.empty(b, nearest)
         _native.scan(qc.data_ptr(), qf.data_ptr(), perp_c.data_ptr(), perp.data_ptr(), cvar.data_ptr(),
-                     *rows, b, rc, rf, self.count, excl.shape[1], nearest, float(beta), self.slack,
+                     *rows, b, rt, rc, rf, self.count, excl.shape[1], nearest, float(beta), self.slack,
                      torch.get_num_threads(), run_max.data_ptr(), run_z.data_ptr(), run_y.data_ptr(),
                      run_v.data_ptr(), near.data_ptr(), near_u.data_ptr())
-        return (*self._finish(outside_c, beta, run_max, run_z, run_y, run_v), near,
+        return (*self._finish(outside_t, beta, run_max, run_z, run_y, run_v), near,
                 self._beyond(near_u, nearest, b, q))
 
     @staticmethod
@@ -242,19 +247,20 @@ class KeySketch:
         return top_u[:, nearest - 1].to(q.dtype)
 
     def _scan_torch(self, q, beta, exclude, nearest):
-        qc, qf, outside_c, perp2, perp2_c = self._parts(q)
-        b, dtype = q.shape[0], q.dtype
+        qc, qf, outside_t, perp2, perp2_c, perp2_t = self._parts(q)
+        b, dtype, rt = q.shape[0], q.dtype, self.tail_rank
+        qt = qc[:, :rt]
         run_max = torch.full((b,), float("-inf"), dtype=dtype, device=q.device)
         run_z = torch.zeros(b, dtype=dtype, device=q.device)
-        run_y = torch.zeros_like(qc)
+        run_y = torch.zeros_like(qt)
         run_v = torch.zeros(b, dtype=dtype, device=q.device)
         top_u = torch.full((b, 0), float("-inf"), dtype=dtype, device=q.device)
         near = torch.empty(b, 0, dtype=torch.long, device=q.device)
-        half = (0.5 * beta * beta * self._spread() * perp2_c)[:, None]
+        half = (0.5 * beta * beta * self._spread() * perp2_t)[:, None]
         for lo, hi in self._chunks(b):  # rows widened to the queries' dtype: exact products
-            y = self._coarse[lo:hi].to(dtype)
-            e = self._energy_c[lo:hi].to(dtype)
-            logits = self._excluded(lo, hi, exclude, beta * (qc @ y.T) + half * e[None, :])
+            y = self._coarse[lo:hi, :rt].to(dtype)
+            e = self._energy_t[lo:hi].to(dtype)
+            logits = self._excluded(lo, hi, exclude, beta * (qt @ y.T) + half * e[None, :])
             if nearest:
                 upper = torch.where(torch.isfinite(logits), self._bounds(lo, hi, qc, qf, perp2), logits)
                 val, col = upper.topk(min(nearest, hi - lo), dim=1)
@@ -271,9 +277,9 @@ class KeySketch:
         near = torch.where(torch.isfinite(top_u), near, torch.full_like(near, -1))
         if near.shape[1]:  # take the near keys' terms back out: they join the exact head
             got = near >= 0
-            y = self._coarse[near.clamp(min=0)].to(dtype)                       # [B, k, rc]
-            e = self._energy_c[near.clamp(min=0)].to(dtype)
-            s = torch.bmm(qc[:, None, :], y.transpose(1, 2))[:, 0]
+            y = self._coarse[near.clamp(min=0), :rt].to(dtype)                  # [B, k, rt]
+            e = self._energy_t[near.clamp(min=0)].to(dtype)
+            s = torch.bmm(qt[:, None, :], y.transpose(1, 2))[:, 0]
             shift = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
             w = torch.where(got, torch.exp(beta * s + half * e - shift[:, None]), torch.zeros_like(s))
             run_z = (run_z - w.sum(1)).clamp(min=0.0)
@@ -282,16 +288,17 @@ class KeySketch:
         beyond = self._beyond(top_u, nearest, b, q)
         if near.shape[1] < nearest:
             near = torch.cat([near, near.new_full((b, nearest - near.shape[1]), -1)], 1)
-        return (*self._finish(outside_c, beta, run_max, run_z, run_y, run_v), near, beyond)
+        return (*self._finish(outside_t, beta, run_max, run_z, run_y, run_v), near, beyond)
 
     def rescue(self, q: torch.Tensor, floor: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, label) pairs of every alive key outside ``exclude`` whose cosine with q might
         exceed ``floor`` [B]: u_i + slack > floor."""
-        qc, qf, _, perp2, perp2_c = self._parts(q)
+        qc, qf, _, perp2, perp2_c, _ = self._parts(q)
         if self._native_ok(q):
             perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
             floor = floor.float().contiguous()
             rows, excl = self._native_rows(exclude)
+            rows = rows[:2] + rows[3:]  # no tail energies here
             found = _native.rescue(qc.data_ptr(), qf.data_ptr(), perp_c.data_ptr(), perp.data_ptr(), *rows,
                                    floor.data_ptr(), q.shape[0], self._coarse.shape[1], self._fine.shape[1],
                                    self.count, excl.shape[1], self.slack, torch.get_num_threads())
@@ -308,10 +315,11 @@ class KeySketch:
         return torch.cat(rows), torch.cat(labels)
 
     def nbytes(self) -> int:
-        per_row = (self._coarse.shape[1] + self._fine.shape[1]) * self._coarse.element_size() + 9
+        per_row = (self._coarse.shape[1] + self._fine.shape[1]) * self._coarse.element_size() + 13
         return self.count * per_row
 
     def __repr__(self) -> str:
         basis = ("identity" if self.basis is None else
-                 f"rank {self.rank} (coarse {self.tail_rank}), fitted at {self.fitted_at}")
+                 f"rank {self.rank} (bounds from {self.bound_rank}, tail from {self.tail_rank}), "
+                 f"fitted at {self.fitted_at}")
         return f"KeySketch({basis}, rows={self.count})"

@@ -35,8 +35,9 @@ def _rows(sk):
     return torch.cat([sk._coarse[: sk.count], sk._fine[: sk.count]], 1)
 
 
-def _filled(keys, rank, fit=True, tail_rank=32):
-    sk = KeySketch(keys.shape[1], rank, tail_rank=tail_rank, fit_from=1 if fit else 10**9)
+def _filled(keys, rank, fit=True, tail_rank=32, bound_rank=64):
+    sk = KeySketch(keys.shape[1], rank, tail_rank=tail_rank, bound_rank=bound_rank,
+                   fit_from=1 if fit else 10**9)
     if fit:
         sk.fit(keys)
     sk.append(keys)
@@ -81,9 +82,9 @@ def test_a_plain_low_rank_tail_is_not_enough():
     exclude = torch.full((20, 1), -1)
     log_z, mean = sk.scan(q, 20.0, exclude)[:2]
     want_z, want = _exact_tail(q, keys, 20.0, exclude)
-    energy, sk._energy_c = sk._energy_c, torch.zeros_like(sk._energy_c)
+    energy, sk._energy_t = sk._energy_t, torch.zeros_like(sk._energy_t)
     plain_z, plain = sk.scan(q, 20.0, exclude)[:2]
-    sk._energy_c = energy
+    sk._energy_t = energy
     err = lambda m: (1 - torch.nn.functional.cosine_similarity(m.double(), want, dim=1)).mean()  # noqa: E731
     assert err(mean) < 0.75 * err(plain), (err(mean), err(plain))
     z_err = lambda z: (z.double() - want_z).abs().max()  # noqa: E731
@@ -156,7 +157,7 @@ def test_rows_grow_in_place_and_follow_the_basis():
     sk.clear()
     sk.append(keys)
     assert sk._coarse.dtype == torch.bfloat16  # a fitted basis stores rows in half the bytes
-    assert sk._coarse.shape[1] == 16 and sk._fine.shape[1] == 0  # tail_rank 32 > rank 16
+    assert sk._coarse.shape[1] == 16 and sk._fine.shape[1] == 0  # bound_rank 64 > rank 16
     torch.testing.assert_close(_rows(sk).float(), keys @ sk.basis, rtol=1e-2, atol=4e-3)
     assert not sk.due(11999) and sk.due(12000)
     with pytest.raises(ValueError, match="sketch_rank"):
@@ -242,13 +243,14 @@ def test_importing_the_prefilter_first_keeps_the_cpp_backend():
 
 
 @pytest.mark.skipif(sketch_mod._native is None, reason="the C++ sketch scan (horen_fast._sketch) is not built")
-@pytest.mark.parametrize("b,nearest,rank,tail_rank", [(1, 0, 32, 32), (1, 16, 128, 32), (7, 5, 64, 16),
-                                                     (64, 32, 128, 32), (3, 4, 40, 24)])
-def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank):
-    """The C++ passes against the torch reference: AVX-512 blocks (coarse widths 16, 32) and the
-    generic loop (24)."""
+@pytest.mark.parametrize("b,nearest,rank,tail_rank,bound_rank", [
+    (1, 0, 32, 32, 32), (1, 16, 128, 16, 64), (7, 5, 64, 16, 32), (64, 32, 128, 32, 64),
+    (64, 0, 128, 16, 64), (9, 3, 128, 64, 64), (3, 4, 40, 8, 24)])
+def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank, bound_rank):
+    """The C++ passes against the torch reference: AVX-512 blocks (one query, groups of queries
+    from 8) and the generic loop (widths 8 and 24)."""
     model, keys = _model_keys(6000, seed=b)
-    sk = _filled(keys, rank, tail_rank=tail_rank)
+    sk = _filled(keys, rank, tail_rank=tail_rank, bound_rank=bound_rank)
     sk.kill(range(0, 6000, 97))
     q = torch.cat([model.paraphrases(keys[: (b + 1) // 2], seed=8), model.unrelated(b // 2, seed=9)])
     exclude = (q @ keys.T).topk(8, dim=1).indices
