@@ -40,6 +40,7 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 struct Args {
     const float* qc;          // [B, rc] the query in the first rc basis directions
     const float* qf;          // [B, rf] ... in the other rf
+    const float* perp_t;      // [B] |q outside the first rt directions|
     const float* perp_c;      // [B] |q outside the first rc directions|
     const float* perp;        // [B] |q outside the basis|
     const float* cvar;        // [B] 0.5 beta^2 |q outside rt|^2 / (d - rt): times a row's e_t
@@ -193,7 +194,11 @@ void rescue_range(const Args& a, const float* floor, int64_t lo, int64_t hi,
             int64_t& p = ptr[b];
             while (p < a.K && ex[p] < i) ++p;
             if (p < a.K && ex[p] == i) continue;
-            const float sc = dot_bf16(a.qc + b * a.rc, a.rows_c + i * a.rc, a.rc);
+            const float* q = a.qc + b * a.rc;
+            const uint16_t* y = a.rows_c + i * a.rc;
+            const float st = dot_bf16(q, y, a.rt);  // bounds from the tail's columns, then the coarse, then all
+            if (st + a.perp_t[b] * std::sqrt(a.e_t[i]) + a.slack <= floor[b]) continue;
+            const float sc = st + dot_bf16(q + a.rt, y + a.rt, a.rc - a.rt);
             if (sc + a.perp_c[b] * sec + a.slack <= floor[b]) continue;
             if (full_bound<false>(a, b, i, sc) + a.slack > floor[b]) out.emplace_back(b, i);
         }
@@ -397,11 +402,57 @@ void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
     }
 }
 
-template <int VC> HOREN_AVX512
+// one block of 16 rows for G queries: bounds from the tail's columns, then (where one passes) from
+// the coarse part, then (where that passes) the full bound
+template <int VT, int VC, int G> HOREN_AVX512 inline void rescue_group(
+        const Args& a, const float* floor, int64_t b0, int64_t i0, int n, uint32_t alive, bool many,
+        const float* yb, const float* yt, __m512 set, __m512 sec, std::vector<int64_t>& ptr,
+        std::vector<std::pair<int64_t, int64_t>>& out) {
+    constexpr int RC = VC * 16;
+    alignas(64) float sc_l[16];
+    __m512 st[G], sc[G];
+    uint32_t m[G], hit[G], any = 0;
+    for (int k = 0; k < G; ++k) any |= m[k] = lanes(a, a.excl + (b0 + k) * a.K, ptr[b0 + k], i0, n, alive);
+    if (!any) return;
+    const float* qs[G];
+    for (int k = 0; k < G; ++k) {
+        qs[k] = a.qc + (b0 + k) * RC;
+        st[k] = _mm512_setzero_ps();
+    }
+    if (many) scores16_g<0, VT * 16, G>(qs, yt, st);
+    else for (int k = 0; k < G; ++k) st[k] = scores16<0, VT, VC>(qs[k], yb, n);
+    any = 0;
+    for (int k = 0; k < G; ++k) {
+        const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_t[b0 + k]), set, st[k]);
+        any |= hit[k] = m[k] & _mm512_cmp_ps_mask(_mm512_add_ps(u, _mm512_set1_ps(a.slack)),
+                                                  _mm512_set1_ps(floor[b0 + k]), _CMP_GT_OQ);
+    }
+    if (!any) return;
+    if (many) {
+        for (int k = 0; k < G; ++k) sc[k] = st[k];
+        scores16_g<VT * 16, RC, G>(qs, yt, sc);
+    } else {
+        for (int k = 0; k < G; ++k) sc[k] = hit[k] ? _mm512_add_ps(st[k], scores16<VT, VC, VC>(qs[k], yb, n)) : st[k];
+    }
+    for (int k = 0; k < G; ++k) {
+        if (!hit[k]) continue;
+        const int64_t b = b0 + k;
+        const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_c[b]), sec, sc[k]);
+        const uint32_t h = hit[k] & _mm512_cmp_ps_mask(_mm512_add_ps(u, _mm512_set1_ps(a.slack)),
+                                                      _mm512_set1_ps(floor[b]), _CMP_GT_OQ);
+        if (!h) continue;
+        _mm512_store_ps(sc_l, sc[k]);
+        for (int l = 0; l < n; ++l)
+            if ((h >> l & 1u) && full_bound<true>(a, b, i0 + l, sc_l[l]) + a.slack > floor[b])
+                out.emplace_back(b, i0 + l);
+    }
+}
+
+template <int VT, int VC> HOREN_AVX512
 void rescue_range512(const Args& a, const float* floor, int64_t lo, int64_t hi,
                      std::vector<std::pair<int64_t, int64_t>>& out) {
     constexpr int RC = VC * 16;
-    alignas(64) float yb[16 * RC], yt[16 * RC], sc[16];
+    alignas(64) float yb[16 * RC], yt[16 * RC];
     std::vector<int64_t> ptr = start_pointers(a, lo);
     const bool many = a.B >= TRANSPOSE_FROM;
     for (int64_t i0 = lo; i0 < hi; i0 += 16) {
@@ -410,22 +461,16 @@ void rescue_range512(const Args& a, const float* floor, int64_t lo, int64_t hi,
         if (!alive) continue;
         widen_block<VC>(a.rows_c + i0 * RC, yb, n);
         if (many) transpose_block<VC>(yb, yt, n, RC);
-        const __m512 sec = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), a.e_c + i0));
-        for (int64_t b = 0; b < a.B; ++b) {
-            uint32_t m = lanes(a, a.excl + b * a.K, ptr[b], i0, n, alive);
-            if (!m) continue;
-            __m512 s = _mm512_setzero_ps();
-            const float* q = a.qc + b * RC;
-            if (many) scores16_g<0, RC, 1>(&q, yt, &s);
-            else s = scores16<0, VC, VC>(q, yb, n);
-            const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_c[b]), sec, s);
-            uint32_t hit = m & _mm512_cmp_ps_mask(_mm512_add_ps(u, _mm512_set1_ps(a.slack)),
-                                                 _mm512_set1_ps(floor[b]), _CMP_GT_OQ);
-            if (!hit) continue;
-            _mm512_store_ps(sc, s);
-            for (int l = 0; l < n; ++l)
-                if ((hit >> l & 1u) && full_bound<true>(a, b, i0 + l, sc[l]) + a.slack > floor[b])
-                    out.emplace_back(b, i0 + l);
+        const __mmask16 full = static_cast<__mmask16>((1u << n) - 1u);
+        const __m512 set = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(full, a.e_t + i0));
+        const __m512 sec = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(full, a.e_c + i0));
+        for (int64_t b0 = 0; b0 < a.B; b0 += 4) {  // queries in groups of up to 4
+            switch (std::min<int64_t>(4, a.B - b0)) {
+                case 4: rescue_group<VT, VC, 4>(a, floor, b0, i0, n, alive, many, yb, yt, set, sec, ptr, out); break;
+                case 3: rescue_group<VT, VC, 3>(a, floor, b0, i0, n, alive, many, yb, yt, set, sec, ptr, out); break;
+                case 2: rescue_group<VT, VC, 2>(a, floor, b0, i0, n, alive, many, yb, yt, set, sec, ptr, out); break;
+                default: rescue_group<VT, VC, 1>(a, floor, b0, i0, n, alive, many, yb, yt, set, sec, ptr, out);
+            }
         }
     }
 }
@@ -472,10 +517,13 @@ void rescue_dispatch(const Args& a, const float* floor, int64_t lo, int64_t hi,
                      std::vector<std::pair<int64_t, int64_t>>& out) {
 #ifdef HOREN_HAVE_AVX512
     if (use_avx512()) {
-        switch (a.rc) {
-            case 16: return rescue_range512<1>(a, floor, lo, hi, out);
-            case 32: return rescue_range512<2>(a, floor, lo, hi, out);
-            case 64: return rescue_range512<4>(a, floor, lo, hi, out);
+        switch (a.rc * 1000 + a.rt) {
+            case 16016: return rescue_range512<1, 1>(a, floor, lo, hi, out);
+            case 32016: return rescue_range512<1, 2>(a, floor, lo, hi, out);
+            case 32032: return rescue_range512<2, 2>(a, floor, lo, hi, out);
+            case 64016: return rescue_range512<1, 4>(a, floor, lo, hi, out);
+            case 64032: return rescue_range512<2, 4>(a, floor, lo, hi, out);
+            case 64064: return rescue_range512<4, 4>(a, floor, lo, hi, out);
             default: break;
         }
     }
@@ -502,11 +550,11 @@ int pick_threads(int64_t work, int requested) {
 
 template <class T> T* ptr_of(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
-Args make_args(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t perp, uintptr_t cvar,
+Args make_args(uintptr_t qc, uintptr_t qf, uintptr_t perp_t, uintptr_t perp_c, uintptr_t perp, uintptr_t cvar,
                uintptr_t rows_c, uintptr_t rows_f, uintptr_t e_t, uintptr_t e_c, uintptr_t e,
                uintptr_t alive, uintptr_t excl, int64_t B, int64_t rt, int64_t rc, int64_t rf, int64_t L,
                int64_t K, int64_t k2, float beta, float slack) {
-    return Args{ptr_of<const float>(qc), ptr_of<const float>(qf), ptr_of<const float>(perp_c),
+    return Args{ptr_of<const float>(qc), ptr_of<const float>(qf), ptr_of<const float>(perp_t), ptr_of<const float>(perp_c),
                 ptr_of<const float>(perp), ptr_of<const float>(cvar), ptr_of<const uint16_t>(rows_c),
                 ptr_of<const uint16_t>(rows_f), ptr_of<const float>(e_t), ptr_of<const float>(e_c),
                 ptr_of<const float>(e), ptr_of<const uint8_t>(alive), ptr_of<const int64_t>(excl),
@@ -523,7 +571,7 @@ void sketch_scan(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t perp, u
                  uintptr_t alive, uintptr_t excl, int64_t B, int64_t rt, int64_t rc, int64_t rf, int64_t L,
                  int64_t K, int64_t k2, float beta, float slack, int threads, uintptr_t out_max,
                  uintptr_t out_z, uintptr_t out_y, uintptr_t out_v, uintptr_t near, uintptr_t near_u) {
-    const Args a = make_args(qc, qf, perp_c, perp, cvar, rows_c, rows_f, e_t, e_c, e, alive, excl, B,
+    const Args a = make_args(qc, qf, 0, perp_c, perp, cvar, rows_c, rows_f, e_t, e_c, e, alive, excl, B,
                              rt, rc, rf, L, K, k2, beta, slack);
     rt = a.rt;
     const int T = pick_threads(B * L * (k2 > 0 ? rc : rt), threads);
@@ -563,12 +611,12 @@ void sketch_scan(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t perp, u
 }
 
 // (rows, labels): every pair whose full bound + slack exceeds floor[row], as two int64 arrays.
-py::tuple sketch_rescue(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t perp, uintptr_t rows_c,
-                        uintptr_t rows_f, uintptr_t e_c, uintptr_t e, uintptr_t alive, uintptr_t excl,
-                        uintptr_t floor, int64_t B, int64_t rc, int64_t rf, int64_t L, int64_t K,
-                        float slack, int threads) {
-    const Args a = make_args(qc, qf, perp_c, perp, 0, rows_c, rows_f, e_c, e_c, e, alive, excl, B, rc,
-                             rc, rf, L, K, 0, 0.f, slack);
+py::tuple sketch_rescue(uintptr_t qc, uintptr_t qf, uintptr_t perp_t, uintptr_t perp_c, uintptr_t perp,
+                        uintptr_t rows_c, uintptr_t rows_f, uintptr_t e_t, uintptr_t e_c, uintptr_t e,
+                        uintptr_t alive, uintptr_t excl, uintptr_t floor, int64_t B, int64_t rt, int64_t rc,
+                        int64_t rf, int64_t L, int64_t K, float slack, int threads) {
+    const Args a = make_args(qc, qf, perp_t, perp_c, perp, 0, rows_c, rows_f, e_t, e_c, e, alive, excl, B,
+                             rt, rc, rf, L, K, 0, 0.f, slack);
     const int T = pick_threads(B * L * rc, threads);
     std::vector<std::vector<std::pair<int64_t, int64_t>>> found(T);
     {

@@ -11,7 +11,8 @@ with anisotropic keys at beta = 20 the keys outside the top k carry most of its 
 also misses some of the keys nearest the query. So by default (``tail="sketch"``) the prefilter
 keeps a low-rank sketch of every key (horen_fast/sketch.py) and, in one pass over it per step:
 - adds each row's ``sketch_candidates`` keys of highest Cauchy-Schwarz bound to its exact set
-  (the keys the index may have missed);
+  (the keys the index may have missed; for batches of fewer than 8 queries, where the pass is
+  bound by memory and these are nearly free: a batch relies on the rescue below instead);
 - models the softmax mass of every other key (log weight and weighted mean key) and adds it to
   the exact candidates' part of the Hopfield step;
 - after the step, rescores exactly every key whose bound can still beat the best final cosine or
@@ -76,6 +77,9 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 _OPTIONS = {"nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "rebuild_fraction", "seed",
             "tail", "sketch_rank", "tail_rank", "bound_rank", "sketch_from", "sketch_candidates", "rescue"}
 TAILS = ("sketch", "none")
+# batches from this size skip the sketch's near keys: their scan is compute-bound there, and one
+# rescue pass after the step costs less than testing every key against every row's near-key heap
+NEAR_KEYS_BELOW = 8
 
 
 def _faiss():
@@ -361,7 +365,8 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
     labels_t = torch.from_numpy(labels).to(keys.device)
     first_tail = beyond = None
     if sketch is not None:  # the tail at q_0, and the keys the index may have missed
-        *first_tail, more, beyond = sketch.scan(q, params.beta, labels_t, prefilter.sketch_candidates)
+        near = prefilter.sketch_candidates if q.shape[0] < NEAR_KEYS_BELOW else 0
+        *first_tail, more, beyond = sketch.scan(q, params.beta, labels_t, near)
         more = more.cpu().numpy()
         more_ids = np.where(more >= 0, prefilter._label_id[np.maximum(more, 0)], -1)
         ids, labels = np.concatenate([ids, more_ids], 1), np.concatenate([labels, more], 1)

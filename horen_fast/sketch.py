@@ -293,15 +293,15 @@ class KeySketch:
     def rescue(self, q: torch.Tensor, floor: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, label) pairs of every alive key outside ``exclude`` whose cosine with q might
         exceed ``floor`` [B]: u_i + slack > floor."""
-        qc, qf, _, perp2, perp2_c, _ = self._parts(q)
+        qc, qf, _, perp2, perp2_c, perp2_t = self._parts(q)
         if self._native_ok(q):
-            perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
+            perp_t, perp_c, perp = (x.sqrt().contiguous() for x in (perp2_t, perp2_c, perp2))
             floor = floor.float().contiguous()
             rows, excl = self._native_rows(exclude)
-            rows = rows[:2] + rows[3:]  # no tail energies here
-            found = _native.rescue(qc.data_ptr(), qf.data_ptr(), perp_c.data_ptr(), perp.data_ptr(), *rows,
-                                   floor.data_ptr(), q.shape[0], self._coarse.shape[1], self._fine.shape[1],
-                                   self.count, excl.shape[1], self.slack, torch.get_num_threads())
+            found = _native.rescue(qc.data_ptr(), qf.data_ptr(), perp_t.data_ptr(), perp_c.data_ptr(),
+                                   perp.data_ptr(), *rows, floor.data_ptr(), q.shape[0], self.tail_rank,
+                                   self._coarse.shape[1], self._fine.shape[1], self.count, excl.shape[1],
+                                   self.slack, torch.get_num_threads())
             return torch.from_numpy(found[0]), torch.from_numpy(found[1])
         rows, labels = [], []
         for lo, hi in self._chunks(q.shape[0]):
