@@ -51,6 +51,7 @@ struct Args {
     const float* e;           // [L] 1 - |y|^2
     const uint8_t* alive;     // [L]
     const int64_t* excl;      // [B, K] ascending per row, padded with values >= L
+    const uint32_t* qpair;    // [B, rc / 2] the coarse query as bfloat16 pairs (bf16 dot products), or null
     int64_t B, rt, rc, rf, L, K, k2;   // rt <= rc: the tail model reads the first rt columns
     float beta, slack;
 };
@@ -271,6 +272,35 @@ template <int J0, int J1, int G> HOREN_AVX512 inline void scores16_g(const float
     }
 }
 
+#define HOREN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx512bf16")))
+
+// the first ``cols`` (even) columns of 16 bfloat16 rows as pairs: dst[j][l] = row l's columns
+// 2j, 2j + 1 (one 32-bit word), the operand layout of bfloat16 dot products
+inline void transpose_pairs(const uint16_t* rows, int rc, uint32_t* dst, int n, int cols) {
+    if (n < 16) std::memset(dst, 0, sizeof(uint32_t) * (cols / 2) * 16);
+    for (int l = 0; l < n; ++l) {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(rows + l * rc);
+        for (int j = 0; j < cols / 2; ++j) dst[j * 16 + l] = w[j];
+    }
+}
+
+// add the 16 scores over columns [J0, J1) for G queries with bfloat16 dot products (two
+// multiply-adds a lane per instruction; the query rounded to bfloat16: error <= 2^-9 |q| |y|)
+template <int J0, int J1, int G> HOREN_AVX512BF16 __attribute__((noinline))
+void scores16_bf(const uint32_t* const* q, const uint32_t* ytp, __m512* acc) {
+    for (int j = J0 / 2; j < J1 / 2; ++j) {
+        const __m512bh y = reinterpret_cast<__m512bh>(_mm512_load_si512(ytp + j * 16));
+        for (int k = 0; k < G; ++k)
+            acc[k] = _mm512_dpbf16_ps(acc[k], reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(q[k][j]))), y);
+    }
+}
+
+inline uint32_t bf16_bits(float f) {  // round to nearest even
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
 constexpr int64_t TRANSPOSE_FROM = 8;  // queries per pass from which the transposed block pays off
 
 // lanes of the block [i0, i0 + n) alive and not excluded for this query (ptr advances)
@@ -292,7 +322,7 @@ inline uint32_t alive_lanes(const Args& a, int64_t i0, int n) {
 // (each row of the block loaded once for the group)
 template <int VT, int VC, int G> HOREN_AVX512 inline void scan_group(
         const Args& a, int64_t b0, int64_t i0, int n, uint32_t alive, bool many, const float* yb,
-        const float* yt, __m512 et, __m512 sec, std::vector<int64_t>& ptr, std::vector<Acc>& acc,
+        const float* yt, const uint32_t* ytp, __m512 et, __m512 sec, std::vector<int64_t>& ptr, std::vector<Acc>& acc,
         std::vector<std::vector<Entry>>& heaps, std::vector<float>& lanes_z, std::vector<float>& lanes_v) {
     constexpr int RC = VC * 16;
     alignas(64) float sc_l[16], uc[16], lg[16], w[G][16];
@@ -301,7 +331,14 @@ template <int VT, int VC, int G> HOREN_AVX512 inline void scan_group(
     for (int k = 0; k < G; ++k) any |= m[k] = lanes(a, a.excl + (b0 + k) * a.K, ptr[b0 + k], i0, n, alive);
     if (!any) return;
     const bool near = a.k2 > 0;
-    if (many) {
+    if (many && a.qpair && !near) {
+        const uint32_t* qs[G];
+        for (int k = 0; k < G; ++k) {
+            qs[k] = a.qpair + (b0 + k) * (RC / 2);
+            st[k] = _mm512_setzero_ps();
+        }
+        scores16_bf<0, VT * 16, G>(qs, ytp, st);
+    } else if (many) {
         const float* qs[G];
         for (int k = 0; k < G; ++k) {
             qs[k] = a.qc + (b0 + k) * RC;
@@ -370,6 +407,7 @@ void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
                    std::vector<std::vector<Entry>>& heaps) {
     constexpr int RC = VC * 16;
     alignas(64) float yb[16 * RC], yt[16 * RC];
+    alignas(64) uint32_t ytp[8 * RC];
     std::vector<int64_t> ptr = start_pointers(a, lo);
     std::vector<float> lanes_z(a.B * 16, 0.f), lanes_v(a.B * 16, 0.f);
     const bool many = a.B >= TRANSPOSE_FROM;
@@ -379,7 +417,8 @@ void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
         if (!alive) continue;
         widen_block<VC>(a.rows_c + i0 * RC, yb, n);
         if (many) {  // many queries: most of this block's fine rows will be read; fetch the next block's
-            transpose_block<VC>(yb, yt, n, a.k2 > 0 ? RC : VT * 16);
+            if (a.qpair && a.k2 == 0) transpose_pairs(a.rows_c + i0 * RC, RC, ytp, n, VT * 16);
+            else transpose_block<VC>(yb, yt, n, a.k2 > 0 ? RC : VT * 16);
             const int64_t next = std::min<int64_t>(i0 + 16, hi), rows = std::min<int64_t>(16, hi - next);
             const char* at = reinterpret_cast<const char*>(a.rows_f + next * a.rf);
             for (int64_t off = 0; off < rows * a.rf * 2; off += 64) _mm_prefetch(at + off, _MM_HINT_T0);
@@ -389,10 +428,10 @@ void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
         const __m512 sec = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(full, a.e_c + i0));
         for (int64_t b0 = 0; b0 < a.B; b0 += 4) {  // queries in groups of up to 4
             switch (std::min<int64_t>(4, a.B - b0)) {
-                case 4: scan_group<VT, VC, 4>(a, b0, i0, n, alive, many, yb, yt, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
-                case 3: scan_group<VT, VC, 3>(a, b0, i0, n, alive, many, yb, yt, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
-                case 2: scan_group<VT, VC, 2>(a, b0, i0, n, alive, many, yb, yt, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
-                default: scan_group<VT, VC, 1>(a, b0, i0, n, alive, many, yb, yt, et, sec, ptr, acc, heaps, lanes_z, lanes_v);
+                case 4: scan_group<VT, VC, 4>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 3: scan_group<VT, VC, 3>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 2: scan_group<VT, VC, 2>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                default: scan_group<VT, VC, 1>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v);
             }
         }
     }
@@ -402,11 +441,12 @@ void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
     }
 }
 
-// one block of 16 rows for G queries: bounds from the tail's columns, then (where one passes) from
-// the coarse part, then (where that passes) the full bound
+// one block of 16 rows for G queries: bounds from the first rt columns (the screen: rescue's Args
+// carry the screen's width, energies and |q outside| in the tail's fields), then (for a query with
+// a lane that passes) from the coarse part, then (where that passes) the full bound
 template <int VT, int VC, int G> HOREN_AVX512 inline void rescue_group(
         const Args& a, const float* floor, int64_t b0, int64_t i0, int n, uint32_t alive, bool many,
-        const float* yb, const float* yt, __m512 set, __m512 sec, std::vector<int64_t>& ptr,
+        const float* yb, const float* yt, const uint32_t* ytp, __m512 set, __m512 sec, std::vector<int64_t>& ptr,
         std::vector<std::pair<int64_t, int64_t>>& out) {
     constexpr int RC = VC * 16;
     alignas(64) float sc_l[16];
@@ -419,8 +459,15 @@ template <int VT, int VC, int G> HOREN_AVX512 inline void rescue_group(
         qs[k] = a.qc + (b0 + k) * RC;
         st[k] = _mm512_setzero_ps();
     }
-    if (many) scores16_g<0, VT * 16, G>(qs, yt, st);
-    else for (int k = 0; k < G; ++k) st[k] = scores16<0, VT, VC>(qs[k], yb, n);
+    if (many && a.qpair) {
+        const uint32_t* qp[G];
+        for (int k = 0; k < G; ++k) qp[k] = a.qpair + (b0 + k) * (RC / 2);
+        scores16_bf<0, VT * 16, G>(qp, ytp, st);
+    } else if (many) {
+        scores16_g<0, VT * 16, G>(qs, yt, st);
+    } else {
+        for (int k = 0; k < G; ++k) st[k] = scores16<0, VT, VC>(qs[k], yb, n);
+    }
     any = 0;
     for (int k = 0; k < G; ++k) {
         const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(a.perp_t[b0 + k]), set, st[k]);
@@ -428,11 +475,10 @@ template <int VT, int VC, int G> HOREN_AVX512 inline void rescue_group(
                                                   _mm512_set1_ps(floor[b0 + k]), _CMP_GT_OQ);
     }
     if (!any) return;
-    if (many) {
-        for (int k = 0; k < G; ++k) sc[k] = st[k];
-        scores16_g<VT * 16, RC, G>(qs, yt, sc);
-    } else {
-        for (int k = 0; k < G; ++k) sc[k] = hit[k] ? _mm512_add_ps(st[k], scores16<VT, VC, VC>(qs[k], yb, n)) : st[k];
+    for (int k = 0; k < G; ++k) {  // the rest of the coarse part, only for queries with a hit
+        sc[k] = st[k];
+        if (!hit[k]) continue;
+        sc[k] = _mm512_add_ps(st[k], scores16<VT, VC, VC>(qs[k], yb, n));
     }
     for (int k = 0; k < G; ++k) {
         if (!hit[k]) continue;
@@ -453,6 +499,7 @@ void rescue_range512(const Args& a, const float* floor, int64_t lo, int64_t hi,
                      std::vector<std::pair<int64_t, int64_t>>& out) {
     constexpr int RC = VC * 16;
     alignas(64) float yb[16 * RC], yt[16 * RC];
+    alignas(64) uint32_t ytp[8 * RC];
     std::vector<int64_t> ptr = start_pointers(a, lo);
     const bool many = a.B >= TRANSPOSE_FROM;
     for (int64_t i0 = lo; i0 < hi; i0 += 16) {
@@ -460,16 +507,17 @@ void rescue_range512(const Args& a, const float* floor, int64_t lo, int64_t hi,
         const uint32_t alive = alive_lanes(a, i0, n);
         if (!alive) continue;
         widen_block<VC>(a.rows_c + i0 * RC, yb, n);
-        if (many) transpose_block<VC>(yb, yt, n, RC);
+        if (many && a.qpair) transpose_pairs(a.rows_c + i0 * RC, RC, ytp, n, VT * 16);  // the screen's columns
+        else if (many) transpose_block<VC>(yb, yt, n, VT * 16);
         const __mmask16 full = static_cast<__mmask16>((1u << n) - 1u);
         const __m512 set = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(full, a.e_t + i0));
         const __m512 sec = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(full, a.e_c + i0));
         for (int64_t b0 = 0; b0 < a.B; b0 += 4) {  // queries in groups of up to 4
             switch (std::min<int64_t>(4, a.B - b0)) {
-                case 4: rescue_group<VT, VC, 4>(a, floor, b0, i0, n, alive, many, yb, yt, set, sec, ptr, out); break;
-                case 3: rescue_group<VT, VC, 3>(a, floor, b0, i0, n, alive, many, yb, yt, set, sec, ptr, out); break;
-                case 2: rescue_group<VT, VC, 2>(a, floor, b0, i0, n, alive, many, yb, yt, set, sec, ptr, out); break;
-                default: rescue_group<VT, VC, 1>(a, floor, b0, i0, n, alive, many, yb, yt, set, sec, ptr, out);
+                case 4: rescue_group<VT, VC, 4>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out); break;
+                case 3: rescue_group<VT, VC, 3>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out); break;
+                case 2: rescue_group<VT, VC, 2>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out); break;
+                default: rescue_group<VT, VC, 1>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out);
             }
         }
     }
@@ -493,6 +541,28 @@ bool fixed_shift(const Args& a) {
     float top = 0.f;
     for (int64_t b = 0; b < a.B; ++b) top = std::max(top, a.cvar[b]);
     return 2.f * a.beta + top < 80.f;
+}
+
+#ifdef HOREN_HAVE_AVX512
+bool use_bf16() {  // bfloat16 dot products for many queries, where the CPU has them
+    static const bool ok = use_avx512() && __builtin_cpu_supports("avx512bf16");
+    return ok;
+}
+#endif
+
+// the coarse queries as bfloat16 pairs, when the bfloat16 dot products will run (many queries)
+std::vector<uint32_t> query_pairs(const Args& a) {
+    std::vector<uint32_t> out;
+#ifdef HOREN_HAVE_AVX512
+    if (!use_bf16() || a.B < TRANSPOSE_FROM || a.rc % 16 != 0) return out;
+    out.resize(a.B * a.rc / 2);
+    for (int64_t b = 0; b < a.B; ++b)
+        for (int64_t j = 0; j < a.rc / 2; ++j) {
+            const float* q = a.qc + b * a.rc + 2 * j;
+            out[b * a.rc / 2 + j] = bf16_bits(q[0]) | bf16_bits(q[1]) << 16;
+        }
+#endif
+    return out;
 }
 
 void scan_dispatch(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
@@ -557,7 +627,7 @@ Args make_args(uintptr_t qc, uintptr_t qf, uintptr_t perp_t, uintptr_t perp_c, u
     return Args{ptr_of<const float>(qc), ptr_of<const float>(qf), ptr_of<const float>(perp_t), ptr_of<const float>(perp_c),
                 ptr_of<const float>(perp), ptr_of<const float>(cvar), ptr_of<const uint16_t>(rows_c),
                 ptr_of<const uint16_t>(rows_f), ptr_of<const float>(e_t), ptr_of<const float>(e_c),
-                ptr_of<const float>(e), ptr_of<const uint8_t>(alive), ptr_of<const int64_t>(excl),
+                ptr_of<const float>(e), ptr_of<const uint8_t>(alive), ptr_of<const int64_t>(excl), nullptr,
                 B, std::min(rt, rc), rc, rf, L, K, k2, beta, slack};
 }
 
@@ -571,8 +641,10 @@ void sketch_scan(uintptr_t qc, uintptr_t qf, uintptr_t perp_c, uintptr_t perp, u
                  uintptr_t alive, uintptr_t excl, int64_t B, int64_t rt, int64_t rc, int64_t rf, int64_t L,
                  int64_t K, int64_t k2, float beta, float slack, int threads, uintptr_t out_max,
                  uintptr_t out_z, uintptr_t out_y, uintptr_t out_v, uintptr_t near, uintptr_t near_u) {
-    const Args a = make_args(qc, qf, 0, perp_c, perp, cvar, rows_c, rows_f, e_t, e_c, e, alive, excl, B,
-                             rt, rc, rf, L, K, k2, beta, slack);
+    Args a = make_args(qc, qf, 0, perp_c, perp, cvar, rows_c, rows_f, e_t, e_c, e, alive, excl, B,
+                       rt, rc, rf, L, K, k2, beta, slack);
+    const std::vector<uint32_t> pairs = query_pairs(a);
+    a.qpair = pairs.empty() ? nullptr : pairs.data();
     rt = a.rt;
     const int T = pick_threads(B * L * (k2 > 0 ? rc : rt), threads);
     std::vector<std::vector<Acc>> acc(T, std::vector<Acc>(B));
@@ -615,8 +687,10 @@ py::tuple sketch_rescue(uintptr_t qc, uintptr_t qf, uintptr_t perp_t, uintptr_t 
                         uintptr_t rows_c, uintptr_t rows_f, uintptr_t e_t, uintptr_t e_c, uintptr_t e,
                         uintptr_t alive, uintptr_t excl, uintptr_t floor, int64_t B, int64_t rt, int64_t rc,
                         int64_t rf, int64_t L, int64_t K, float slack, int threads) {
-    const Args a = make_args(qc, qf, perp_t, perp_c, perp, 0, rows_c, rows_f, e_t, e_c, e, alive, excl, B,
-                             rt, rc, rf, L, K, 0, 0.f, slack);
+    Args a = make_args(qc, qf, perp_t, perp_c, perp, 0, rows_c, rows_f, e_t, e_c, e, alive, excl, B,
+                       rt, rc, rf, L, K, 0, 0.f, slack);
+    const std::vector<uint32_t> pairs = query_pairs(a);
+    a.qpair = pairs.empty() ? nullptr : pairs.data();
     const int T = pick_threads(B * L * rc, threads);
     std::vector<std::vector<std::pair<int64_t, int64_t>>> found(T);
     {

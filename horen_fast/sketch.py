@@ -16,10 +16,16 @@ For a unit query q, write q = P q_P + q_perp. Then q . k_i = q_P . y_i + q_perp 
       w_i      ~= exp(beta q_P . y_i + beta^2 ||q_perp||^2 v_i / 2)
       w_i k_i  ~= w_i (P y_i + beta v_i q_perp)
 
-  so the tail's weight and weighted key sum come from one pass over the sketch.
+  so the tail's weight and weighted key sum come from one pass over the sketch. The tail model
+  uses only the first ``tail_rank`` (16) coordinates, with r, P, y_i, e_i and q_perp taken at
+  that rank: the bulk of keys is what it models, and 16 coordinates describe the bulk (the
+  decisions agree with exact retrieval as well as with 64, bench/RESULTS.md) at a quarter of the
+  arithmetic.
 - The near keys. The model is wrong for a key q is close to: there q_perp and res_i point the
   same way and q . k_i exceeds q_P . y_i by about (q . k_i) e_i. Such keys must be scored
-  exactly. Cauchy-Schwarz bounds every key: q . k_i <= u_i = q_P . y_i + ||q_perp|| sqrt(e_i).
+  exactly. Cauchy-Schwarz bounds every key: q . k_i <= u_i = q_P . y_i + ||q_perp|| sqrt(e_i),
+  and the same bound at a lower rank (the first 16 or 64 coordinates) is looser but cheaper,
+  so a pass tests the cheap bounds first and reads a row's fine part only where they pass.
   ``scan`` also returns each row's ``nearest`` keys by u_i (they join the exact head and leave the
   tail), and ``rescue`` returns every key whose u_i reaches a floor (the best final cosine, or the
   threshold), to be rescored exactly: the final decision is then exact for the refined query.
@@ -46,6 +52,8 @@ except ImportError:  # not built: the torch code runs instead
 
 __all__ = ["KeySketch"]
 
+SCREEN_RANK = 32  # columns of rescue's first bound (most keys stop there)
+
 # added to every bound: the rounding of float32 rows (the identity basis), or of bfloat16 rows and
 # products (a fitted basis: relative error 2**-8 on each side of a cosine at most 1)
 _SLACK = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -70,6 +78,7 @@ class KeySketch:
         self.key_dim, self.rank = key_dim, min(rank, key_dim)
         self.fitted_bound_rank = min(bound_rank, self.rank)
         self.fitted_tail_rank = min(tail_rank, self.fitted_bound_rank)
+        self.fitted_screen_rank = min(SCREEN_RANK, self.fitted_bound_rank)
         self.fit_from = max(int(fit_from), 4 * self.rank)
         self.device, self.seed = torch.device(device), seed
         self.basis: torch.Tensor | None = None   # [d, r]; None: identity (rows are the keys)
@@ -79,6 +88,11 @@ class KeySketch:
     @property
     def tail_rank(self) -> int:
         return self.key_dim if self.basis is None else self.fitted_tail_rank
+
+    @property
+    def screen_rank(self) -> int:
+        """Columns of rescue's first, cheapest bound."""
+        return self.key_dim if self.basis is None else self.fitted_screen_rank
 
     @property
     def bound_rank(self) -> int:
@@ -94,6 +108,7 @@ class KeySketch:
         self._energy = torch.empty(0, device=self.device)     # 1 - |y|^2
         self._energy_c = torch.empty(0, device=self.device)   # 1 - |y_c|^2 (the coarse part)
         self._energy_t = torch.empty(0, device=self.device)   # 1 - |first tail_rank values|^2
+        self._energy_s = torch.empty(0, device=self.device)   # 1 - |first screen_rank values|^2
         self._alive = torch.empty(0, dtype=torch.bool, device=self.device)
         self.count = 0
 
@@ -124,7 +139,7 @@ class KeySketch:
         n = keys.shape[0]
         if self.count + n > self._alive.shape[0]:  # grow by doubling: O(1) amortized per key
             cap = max(1024, 2 * self._alive.shape[0], self.count + n)
-            for name in ("_coarse", "_fine", "_energy", "_energy_c", "_energy_t", "_alive"):
+            for name in ("_coarse", "_fine", "_energy", "_energy_c", "_energy_t", "_energy_s", "_alive"):
                 old = getattr(self, name)
                 new = torch.zeros((cap,) + tuple(old.shape[1:]), dtype=old.dtype, device=self.device)
                 new[: self.count] = old[: self.count]
@@ -134,7 +149,8 @@ class KeySketch:
         rc, rt, at = self.bound_rank, self.tail_rank, slice(self.count, self.count + n)
         self._coarse[at] = y[:, :rc]
         self._fine[at] = y[:, rc:]
-        for name, width in (("_energy", y.shape[1]), ("_energy_c", rc), ("_energy_t", rt)):
+        widths = (("_energy", y.shape[1]), ("_energy_c", rc), ("_energy_t", rt), ("_energy_s", self.screen_rank))
+        for name, width in widths:
             part = y[:, :width]
             getattr(self, name)[at] = 0.0 if self.basis is None else (1.0 - (part * part).sum(1)).clamp(min=0.0)
         self._alive[at] = True
@@ -293,13 +309,16 @@ class KeySketch:
     def rescue(self, q: torch.Tensor, floor: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, label) pairs of every alive key outside ``exclude`` whose cosine with q might
         exceed ``floor`` [B]: u_i + slack > floor."""
-        qc, qf, _, perp2, perp2_c, perp2_t = self._parts(q)
+        qc, qf, _, perp2, perp2_c, _ = self._parts(q)
         if self._native_ok(q):
-            perp_t, perp_c, perp = (x.sqrt().contiguous() for x in (perp2_t, perp2_c, perp2))
+            rs = self.screen_rank  # the first bound reads rs columns, then the coarse part, then all
+            perp_s = (1.0 - (qc[:, :rs] ** 2).sum(1)).clamp(min=0.0).sqrt().contiguous()
+            perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
             floor = floor.float().contiguous()
             rows, excl = self._native_rows(exclude)
-            found = _native.rescue(qc.data_ptr(), qf.data_ptr(), perp_t.data_ptr(), perp_c.data_ptr(),
-                                   perp.data_ptr(), *rows, floor.data_ptr(), q.shape[0], self.tail_rank,
+            rows = rows[:2] + (self._energy_s.data_ptr(),) + rows[3:]
+            found = _native.rescue(qc.data_ptr(), qf.data_ptr(), perp_s.data_ptr(), perp_c.data_ptr(),
+                                   perp.data_ptr(), *rows, floor.data_ptr(), q.shape[0], rs,
                                    self._coarse.shape[1], self._fine.shape[1], self.count, excl.shape[1],
                                    self.slack, torch.get_num_threads())
             return torch.from_numpy(found[0]), torch.from_numpy(found[1])

@@ -184,6 +184,10 @@ def test_sketch_fixes_what_a_poor_index_gets_wrong():
     bare = _codebook_with(keys, tail="none")
     alone = (bare.retrieve(q, threshold=0.8).index == exact.index).float().mean().item()
     assert agree >= 0.99 and alone < 0.95, (agree, alone)
+    # one query at a time: the near keys join the exact set and most rows skip the rescue pass
+    rows = list(range(0, 300, 10)) + list(range(300, 400, 10))
+    one = torch.cat([cb.retrieve(q[i: i + 1], threshold=0.8).index for i in rows])
+    assert (one == exact.index[rows]).float().mean().item() >= 0.97
 
 
 def test_sketch_rows_follow_adds_removes_updates_and_files(tmp_path):
@@ -265,8 +269,12 @@ def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank, bound_ra
         cos[i, near[i][near[i] >= 0]] = -2
         cos[i, ~sk._alive[:6000]] = -2
         assert cos[i].max() <= beyond[i] + sk.slack
-    torch.testing.assert_close(log_z, t_z, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(mean, t_mean, rtol=1e-3, atol=1e-4)
+    if b >= 8 and nearest == 0:  # many queries: bfloat16 products where the CPU has them (q rounded)
+        torch.testing.assert_close(log_z, t_z, rtol=0, atol=0.05)
+        assert torch.nn.functional.cosine_similarity(mean, t_mean, dim=1).min() > 0.9999
+    else:
+        torch.testing.assert_close(log_z, t_z, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(mean, t_mean, rtol=1e-3, atol=1e-4)
     for i in range(b):  # the same near keys, up to ties in bfloat16 products
         assert len(set(near[i].tolist()) ^ set(t_near[i].tolist())) <= 2
     floor = torch.full((b,), 0.6)
