@@ -44,7 +44,7 @@ def timed(fn, batches: list, reps: int) -> float:
 
 def build(model: ActivationModel, n: int, args) -> Codebook:
     cb = Codebook(model.dim, 1, prefilter="faiss", index=args.index, candidates=args.candidates,
-                  prefilter_options=json.loads(args.options))
+                  prefilter_options=json.loads(args.options), threshold=args.threshold)
     zero = torch.zeros(args.chunk, 1)
     for lo, block in model.iter_keys(n, seed=n, chunk=args.chunk):
         cb.add(block, zero[: block.shape[0]])
@@ -80,6 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--index", default="ivf", choices=["flat", "ivf", "hnsw"])
     ap.add_argument("--candidates", type=int, default=256)
+    ap.add_argument("--threshold", type=float, default=0.85, help="match threshold tau (SmolLM2's calibrated: 0.735)")
     ap.add_argument("--options", default="{}", help='prefilter_options as JSON, e.g. \'{"nprobe": 64}\'')
     ap.add_argument("--queries", type=int, default=512, help="of each kind, for agreement")
     ap.add_argument("--chunk", type=int, default=65536)
@@ -100,7 +101,8 @@ def main(argv=None) -> None:
         pick = torch.randint(0, n, (args.queries,), generator=g)
         para = model.paraphrases(cb.keys[pick], seed=n + 1)
         unrel = model.unrelated(args.queries, seed=n + 2)
-        res = {"n": n, "index": args.index, "candidates": args.candidates, "backend": backend,
+        res = {"n": n, "index": args.index, "candidates": args.candidates, "options": args.options,
+               "threshold": args.threshold, "backend": backend,
                "build_s": round(built, 1), "prefilter": repr(cb.prefilter),
                "paraphrase": agreement(cb, para, 64), "unrelated": agreement(cb, unrel, 64)}
         for b in args.batches:  # batches of paraphrase and unrelated queries, half each (B=1: alternating)
