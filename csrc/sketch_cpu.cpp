@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -565,20 +566,30 @@ std::vector<uint32_t> query_pairs(const Args& a) {
     return out;
 }
 
+#ifdef HOREN_HAVE_AVX512
+// f(VT, VC) with the (tail, coarse) widths in 16-column vectors as std::integral_constant, for
+// the widths with an AVX-512 specialization; false (nothing called) for the others
+template <class F> bool with_widths(int64_t rc, int64_t rt, F&& f) {
+    using std::integral_constant;
+    switch (rc * 1000 + rt) {
+        case 16016: f(integral_constant<int, 1>{}, integral_constant<int, 1>{}); return true;
+        case 32016: f(integral_constant<int, 1>{}, integral_constant<int, 2>{}); return true;
+        case 32032: f(integral_constant<int, 2>{}, integral_constant<int, 2>{}); return true;
+        case 64016: f(integral_constant<int, 1>{}, integral_constant<int, 4>{}); return true;
+        case 64032: f(integral_constant<int, 2>{}, integral_constant<int, 4>{}); return true;
+        case 64064: f(integral_constant<int, 4>{}, integral_constant<int, 4>{}); return true;
+        default: return false;
+    }
+}
+#endif
+
 void scan_dispatch(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
                    std::vector<std::vector<Entry>>& heaps) {
 #ifdef HOREN_HAVE_AVX512
-    if (use_avx512() && fixed_shift(a)) {
-        switch (a.rc * 1000 + a.rt) {  // (coarse, tail) widths with a specialization
-            case 16016: return scan_range512<1, 1>(a, lo, hi, acc, heaps);
-            case 32016: return scan_range512<1, 2>(a, lo, hi, acc, heaps);
-            case 32032: return scan_range512<2, 2>(a, lo, hi, acc, heaps);
-            case 64016: return scan_range512<1, 4>(a, lo, hi, acc, heaps);
-            case 64032: return scan_range512<2, 4>(a, lo, hi, acc, heaps);
-            case 64064: return scan_range512<4, 4>(a, lo, hi, acc, heaps);
-            default: break;
-        }
-    }
+    if (use_avx512() && fixed_shift(a) && with_widths(a.rc, a.rt, [&](auto vt, auto vc) {
+            scan_range512<decltype(vt)::value, decltype(vc)::value>(a, lo, hi, acc, heaps);
+        }))
+        return;
 #endif
     scan_range(a, lo, hi, acc, heaps);
 }
@@ -586,17 +597,10 @@ void scan_dispatch(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
 void rescue_dispatch(const Args& a, const float* floor, int64_t lo, int64_t hi,
                      std::vector<std::pair<int64_t, int64_t>>& out) {
 #ifdef HOREN_HAVE_AVX512
-    if (use_avx512()) {
-        switch (a.rc * 1000 + a.rt) {
-            case 16016: return rescue_range512<1, 1>(a, floor, lo, hi, out);
-            case 32016: return rescue_range512<1, 2>(a, floor, lo, hi, out);
-            case 32032: return rescue_range512<2, 2>(a, floor, lo, hi, out);
-            case 64016: return rescue_range512<1, 4>(a, floor, lo, hi, out);
-            case 64032: return rescue_range512<2, 4>(a, floor, lo, hi, out);
-            case 64064: return rescue_range512<4, 4>(a, floor, lo, hi, out);
-            default: break;
-        }
-    }
+    if (use_avx512() && with_widths(a.rc, a.rt, [&](auto vt, auto vc) {
+            rescue_range512<decltype(vt)::value, decltype(vc)::value>(a, floor, lo, hi, out);
+        }))
+        return;
 #endif
     rescue_range(a, floor, lo, hi, out);
 }
