@@ -22,17 +22,20 @@ keeps a low-rank sketch of every key (horen_fast/sketch.py) and, in one pass ove
   second pass.
 ``tail="none"`` is the candidates alone. Either way it is an approximation: measure it as
 decisions (matched, index) that agree with exact retrieval (bench/bench_prefilter.py), not as
-recall.
+recall. The rescue is what keeps decisions exact, and its cost grows with the number of keys whose
+bound reaches the floor: with a low threshold in a dense codebook (many keys within about 0.1 of a
+row's best cosine) it rescores thousands of keys a row and can be slower than exact retrieval
+(bench/RESULTS.md has such a case).
 
 Options (``prefilter_options``): ``tail`` ("sketch" or "none"), ``sketch_rank`` (128),
 ``tail_rank`` (16: the sketch coordinates the tail model reads), ``bound_rank`` (64: the coarse
-part every pass reads for its first bound),
-``sketch_candidates`` (= ``candidates``), ``sketch_from`` (1024: the basis is the identity, and the
-tail exact, below this many keys), ``rescue`` (True); index tuning: ``nlist``, ``nprobe``,
-``hnsw_m``, ``ef_search``, ``ef_construction``, ``rebuild_fraction``, ``seed``.
+part every pass reads for its first bound), ``sketch_candidates`` (= ``candidates``),
+``sketch_from`` (1024: the basis is the identity, and the tail exact, below this many keys),
+``rescue`` (True); index tuning: ``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``,
+``ef_construction``, ``rebuild_fraction``, ``seed``.
 
-``safe=True`` (which takes ``tail="none"``) certifies each row or answers it exactly. It needs an exact candidate search
-(``index="flat"``), so that the k-th candidate's cosine s_k bounds every key outside the
+``safe=True`` (which takes ``tail="none"``) certifies each row or answers it exactly. It needs an
+exact candidate search (``index="flat"``), so that the k-th candidate's cosine s_k bounds every key outside the
 candidates. A row is kept when, at every Hopfield step t, the softmax mass outside the candidates,
 relative to the largest term, is at most ``(N - k) * exp(beta * (u_t - m_t)) <= tolerance`` (u_t:
 a bound on every outside cosine with q_t, m_t: the best candidate cosine with q_t), and when the
