@@ -288,3 +288,28 @@ def test_query_strategies_per_row_any_padding(strategy):
         q, last = build_queries(x, mask, strategy)
         torch.testing.assert_close(q, reference_query(x, mask, strategy))
         assert last.tolist() == [int(m.nonzero()[-1]) for m in mask]
+
+
+def test_an_editor_on_a_prefiltered_codebook():
+    """The editor takes a Codebook with a FAISS prefilter (and its sketch) as it is: edits land,
+    unrelated prompts stay as they were, and the same edits give the same answers as exact retrieval."""
+    pytest.importorskip("faiss")
+    from horen_fast import Codebook
+
+    tok = tm.tokenizer("left")
+    model = tm.model("llama", seed=11)
+    before = greedy(model, tok, OTHER)
+    cfg = HoReNConfig(layer=2, n_iter=30, hopfield_key_match_threshold=0.99)
+    probe = HoReNEditor(model, tok, cfg)
+    d_key, d_value = probe.codebook.key_dim, probe.codebook.value_dim
+    probe.detach()
+    cb = Codebook(d_key, d_value, prefilter="faiss", index="flat", candidates=2,
+                  **cfg.retrieval_kwargs())
+    ed = HoReNEditor(model, tok, cfg, codebook=cb)
+    assert ed.codebook is cb and cb.prefilter.sketch is not None
+    ed.edit_many(EDITS, progress=False)
+    prompts = [p for p, _ in EDITS]
+    assert torch.equal(greedy(ed, tok, prompts), target_ids(tok, [t for _, t in EDITS]))
+    assert torch.equal(greedy(ed, tok, OTHER), before)
+    q = torch.randn(8, d_key)
+    assert torch.equal(cb.retrieve(q).index, cb.retrieve(q, exact=True).index)
