@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000, 1_000_000])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--index", default="ivf", choices=["flat", "ivf", "hnsw"])
+    ap.add_argument("--index", default="ivf", choices=["flat", "ivf", "ivf_sq8", "hnsw"])
     ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--threshold", type=float, default=0.85, help="match threshold tau (SmolLM2's calibrated: 0.735)")
     ap.add_argument("--options", default="{}", help='prefilter_options as JSON, e.g. \'{"nprobe": 64}\'')

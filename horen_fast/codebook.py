@@ -52,7 +52,7 @@ class Codebook:
     ``retrieve`` keyword defaults (beta, alpha, steps, threshold, eps, backend) are stored with the
     codebook and saved with it; any of them can be overridden per call.
 
-    ``prefilter="faiss"`` keeps a FAISS index (``index`` "flat", "ivf" or "hnsw") in step with the
+    ``prefilter="faiss"`` keeps a FAISS index (``index`` "flat", "ivf", "ivf_sq8" or "hnsw") in step with the
     keys, and ``retrieve`` then runs over each query's ``candidates`` nearest keys only (an
     approximation, or certified-or-exact with ``safe=True``; see horen_fast/prefilter.py; it
     synchronizes with the host). ``prefilter_options`` tunes the index (nlist, nprobe, hnsw_m,

@@ -106,10 +106,10 @@ def _check_consistent(cb):
         assert set(got[got >= 0].tolist()) <= set(cb.ids)
 
 
-@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("index", ["flat", "ivf", "ivf_sq8", "hnsw"])
 def test_index_follows_adds_removes_updates_and_files(index, tmp_path):
     rng = np.random.default_rng(11)
-    opts = {"nlist": 4, "nprobe": 4} if index == "ivf" else {}
+    opts = {"nlist": 4, "nprobe": 4} if index.startswith("ivf") else {}
     cb = Codebook(D, 2, backend="torch", prefilter="faiss", index=index, candidates=16,
                   prefilter_options=opts)
     pool = torch.tensor(anisotropic_keys(rng, 1200, D), dtype=torch.float32)
@@ -127,8 +127,9 @@ def test_index_follows_adds_removes_updates_and_files(index, tmp_path):
             cb.update(victim, key=torch.randn(D))
         _check_consistent(cb)
     assert cb.prefilter.rebuilds >= 1  # dead labels were compacted at least once
-    if index == "ivf":
+    if index.startswith("ivf"):
         assert cb.prefilter._trained_at > 0
+        assert type(cb.prefilter._index).__name__ == ("IndexIVFFlat" if index == "ivf" else "IndexIVFScalarQuantizer")
     q = torch.cat([cb.keys[:20] + 0.05 * torch.randn(20, D), torch.randn(10, D)])
     before = cb.retrieve(q)
     cb.save(tmp_path / "cb.safetensors")
