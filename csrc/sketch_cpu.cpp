@@ -716,8 +716,57 @@ py::tuple sketch_rescue(uintptr_t qc, uintptr_t qf, uintptr_t perp_t, uintptr_t 
     return py::make_tuple(rows_out, labels_out);
 }
 
+namespace {
+#ifdef HOREN_HAVE_AVX512
+HOREN_AVX512 float dot_f32_512(const float* a, const float* b, int64_t d) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 64 <= d; j += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(b + j + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 32), _mm512_loadu_ps(b + j + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 48), _mm512_loadu_ps(b + j + 48), s3);
+    }
+    for (; j + 16 <= d; j += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    for (; j < d; ++j) s += a[j] * b[j];
+    return s;
+}
+#endif
+
+float dot_f32(const float* a, const float* b, int64_t d) {
+#ifdef HOREN_HAVE_AVX512
+    if (use_avx512()) return dot_f32_512(a, b, d);
+#endif
+    float acc[16] = {0.f};
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16)
+        for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * b[j + l];
+    float s = 0.f;
+    for (; j < d; ++j) s += a[j] * b[j];
+    for (int l = 0; l < 16; ++l) s += acc[l];
+    return s;
+}
+}  // namespace
+
+// out[i] = q[rows[i]] . keys[slots[i]] (float32 keys [*, d] with row stride ``stride``, float32
+// queries [B, d]): the rescue's exact rescoring, without copying the keys it reads.
+void pair_dots(uintptr_t keys, int64_t stride, uintptr_t q, int64_t d, uintptr_t rows, uintptr_t slots,
+               int64_t n, uintptr_t out, int threads) {
+    const float* k = ptr_of<const float>(keys);
+    const float* qq = ptr_of<const float>(q);
+    const int64_t* r = ptr_of<const int64_t>(rows);
+    const int64_t* sl = ptr_of<const int64_t>(slots);
+    float* o = ptr_of<float>(out);
+    const int T = pick_threads(n * d, threads);
+    py::gil_scoped_release release;
+#pragma omp parallel for num_threads(T) schedule(static)
+    for (int64_t i = 0; i < n; ++i) o[i] = dot_f32(qq + r[i] * d, k + sl[i] * stride, d);
+}
+
 PYBIND11_MODULE(_sketch, m) {
     m.doc() = "horen_fast: the key sketch's fused scan and rescue on the CPU (csrc/sketch_cpu.cpp)";
     m.def("scan", &sketch_scan);
     m.def("rescue", &sketch_rescue);
+    m.def("pair_dots", &pair_dots);
 }

@@ -452,6 +452,23 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
     return RetrievalResult(index=index, score=score, matched=matched)
 
 
+def pair_dots(keys: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """q[rows[i]] . keys[slots[i]] for every i, in q's dtype: in C++ without copying the keys when
+    both are float32 on the CPU (keys rows contiguous), else in torch in bounded chunks."""
+    from . import sketch
+    native = sketch._native
+    if (native is not None and keys.device.type == "cpu" and keys.dtype == torch.float32
+            and q.dtype == torch.float32 and keys.stride(1) == 1 and rows.numel()):
+        qc = q.contiguous()
+        rows, slots = rows.contiguous(), slots.contiguous()
+        out = torch.empty(rows.numel(), dtype=torch.float32)
+        native.pair_dots(keys.data_ptr(), keys.stride(0), qc.data_ptr(), qc.shape[1], rows.data_ptr(),
+                         slots.data_ptr(), rows.numel(), out.data_ptr(), torch.get_num_threads())
+        return out
+    return torch.cat([(keys[slots[i: i + 32768]].to(q.dtype) * q[rows[i: i + 32768]]).sum(1)
+                      for i in range(0, slots.numel(), 32768)] or [q.new_empty(0)])
+
+
 def _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels, threshold, beyond):
     """Score exactly the keys outside the exact set whose bound says they might beat the best
     final cosine (and the threshold); return the updated (best cosine, slot) per row. Rows whose
@@ -467,8 +484,7 @@ def _rescue(q, valid, best, slot, keys, slot_of_id, prefilter, labels, threshold
         return best, slot
     ids = torch.from_numpy(prefilter._label_id[lab.cpu().numpy()]).to(keys.device)
     s = slot_of_id[ids]
-    val = torch.cat([(keys[s[i: i + 32768]].to(q.dtype) * q[rows[i: i + 32768]]).sum(1)  # bounded memory
-                     for i in range(0, s.numel(), 32768)])
+    val = pair_dots(keys, q, rows, s)
     new_best = best.scatter_reduce(0, rows, val, "amax")
     big = torch.iinfo(torch.long).max
     kept = torch.where(new_best == best, slot, torch.full_like(slot, big))  # a candidate still ties

@@ -289,3 +289,20 @@ def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank, bound_ra
     assert sk._coarse is sk_rows
     reference = set(zip(t_rows.tolist(), t_labels.tolist()))
     assert len(native ^ reference) <= max(2, len(reference) // 100)
+
+
+def test_pair_dots_equal_the_plain_products():
+    from horen_fast.prefilter import pair_dots
+
+    g = torch.Generator().manual_seed(3)
+    store = torch.randn(50, 200, generator=g)
+    q = torch.randn(7, 37, generator=g)
+    rows = torch.randint(0, 7, (300,), generator=g)
+    slots = torch.randint(0, 50, (300,), generator=g)
+    for keys in (store[:, :37], store[:, 5:42].contiguous()):  # a strided view and a plain tensor
+        want = (keys[slots] * q[rows]).sum(1)
+        torch.testing.assert_close(pair_dots(keys, q, rows, slots), want, rtol=1e-5, atol=1e-5)
+    half = store[:, :37].bfloat16()  # other dtypes take the torch path
+    want = (half[slots].float() * q[rows]).sum(1)
+    torch.testing.assert_close(pair_dots(half, q, rows, slots), want, rtol=1e-5, atol=1e-5)
+    assert pair_dots(store[:, :37], q, rows[:0], slots[:0]).shape == (0,)
