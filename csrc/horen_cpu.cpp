@@ -35,6 +35,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "exp_poly.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -221,22 +223,17 @@ struct OpsF {
     static constexpr int W = 8;
     static constexpr bool HAS_EXP = true;
     static HOREN_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
-    // exp for the softmax weights: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r
-    // (Cephes expf coefficients, relative error ~2e-7); inputs clamped to [-87, 88].
+    // exp for the softmax weights (csrc/exp_poly.h); inputs clamped to [-87, 88].
     static HOREN_INLINE V exp_poly(V r) {
-        V p = set1(1.9875691500e-4f);
-        p = fma(p, r, set1(1.3981999507e-3f));
-        p = fma(p, r, set1(8.3334519073e-3f));
-        p = fma(p, r, set1(4.1665795894e-2f));
-        p = fma(p, r, set1(1.6666665459e-1f));
-        p = fma(p, r, set1(5.0000001201e-1f));
+        V p = set1(horen_exp::POLY[0]);
+        for (int i = 1; i <= horen_exp::DEGREE; ++i) p = fma(p, r, set1(horen_exp::POLY[i]));
         return fma(mul(p, r), r, add(r, set1(1.0f)));
     }
     static HOREN_INLINE V exp(V x) {
         x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.0f)), set1(88.0f));
-        V n = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        V r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
-        r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+        V n = _mm256_round_ps(_mm256_mul_ps(x, set1(horen_exp::LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        V r = _mm256_fnmadd_ps(n, set1(horen_exp::LN2_HI), x);
+        r = _mm256_fnmadd_ps(n, set1(horen_exp::LN2_LO), r);
         __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
         return _mm256_mul_ps(exp_poly(r), _mm256_castsi256_ps(e));
     }
@@ -328,22 +325,17 @@ struct OpsF {
     static constexpr int W = 16;
     static constexpr bool HAS_EXP = true;
     static HOREN_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
-    // exp for the softmax weights: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r
-    // (Cephes expf coefficients, relative error ~2e-7); inputs clamped to [-87, 88].
+    // exp for the softmax weights (csrc/exp_poly.h); inputs clamped to [-87, 88].
     static HOREN_INLINE V exp_poly(V r) {
-        V p = set1(1.9875691500e-4f);
-        p = fma(p, r, set1(1.3981999507e-3f));
-        p = fma(p, r, set1(8.3334519073e-3f));
-        p = fma(p, r, set1(4.1665795894e-2f));
-        p = fma(p, r, set1(1.6666665459e-1f));
-        p = fma(p, r, set1(5.0000001201e-1f));
+        V p = set1(horen_exp::POLY[0]);
+        for (int i = 1; i <= horen_exp::DEGREE; ++i) p = fma(p, r, set1(horen_exp::POLY[i]));
         return fma(mul(p, r), r, add(r, set1(1.0f)));
     }
     static HOREN_INLINE V exp(V x) {
         x = _mm512_min_ps(_mm512_max_ps(x, set1(-87.0f)), set1(88.0f));
-        V n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        V r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);
-        r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+        V n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(horen_exp::LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        V r = _mm512_fnmadd_ps(n, set1(horen_exp::LN2_HI), x);
+        r = _mm512_fnmadd_ps(n, set1(horen_exp::LN2_LO), r);
         return _mm512_scalef_ps(exp_poly(r), n);
     }
     static HOREN_INLINE __mmask16 m(int n) { return static_cast<__mmask16>((1u << n) - 1u); }

@@ -22,6 +22,8 @@
 #include <utility>
 #include <vector>
 
+#include "exp_poly.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HOREN_HAVE_AVX512 1
@@ -209,20 +211,15 @@ void rescue_range(const Args& a, const float* floor, int64_t lo, int64_t hi,
 
 #ifdef HOREN_HAVE_AVX512
 // ---- AVX-512: blocks of 16 rows, coarse part of VC * 16 columns -----------------------------
-// e^x for 16 lanes: x = n ln2 + t, |t| <= ln2/2, a degree-7 polynomial for e^t (Cephes expf
-// coefficients, relative error about 2e-7); -inf gives 0.
+// e^x for 16 lanes (csrc/exp_poly.h); -inf gives 0.
 HOREN_AVX512 inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(horen_exp::LOG2E)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    t = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), t);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(horen_exp::LN2_HI), x);
+    t = _mm512_fnmadd_ps(n, _mm512_set1_ps(horen_exp::LN2_LO), t);
+    __m512 p = _mm512_set1_ps(horen_exp::POLY[0]);
+    for (int i = 1; i <= horen_exp::DEGREE; ++i) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(horen_exp::POLY[i]));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, t), t, _mm512_add_ps(t, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
@@ -303,6 +300,17 @@ inline uint32_t bf16_bits(float f) {  // round to nearest even
 }
 
 constexpr int64_t TRANSPOSE_FROM = 8;  // queries per pass from which the transposed block pays off
+
+// a block's coarse rows widened to floats (yb) and, for many queries, its first ``cols`` columns
+// transposed: as bfloat16 pairs (ytp) for the bfloat16 products, else as floats (yt)
+template <int VC> HOREN_AVX512 inline void load_block(const Args& a, int64_t i0, int n, bool many, bool pairs,
+                                                      int cols, float* yb, float* yt, uint32_t* ytp) {
+    const uint16_t* rows = a.rows_c + i0 * VC * 16;
+    widen_block<VC>(rows, yb, n);
+    if (!many) return;
+    if (pairs) transpose_pairs(rows, VC * 16, ytp, n, cols);
+    else transpose_block<VC>(yb, yt, n, cols);
+}
 
 // lanes of the block [i0, i0 + n) alive and not excluded for this query (ptr advances)
 inline uint32_t lanes(const Args& a, const int64_t* ex, int64_t& p, int64_t i0, int n, uint32_t alive) {
@@ -416,10 +424,8 @@ void scan_range512(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
         const int n = static_cast<int>(std::min<int64_t>(16, hi - i0));
         const uint32_t alive = alive_lanes(a, i0, n);
         if (!alive) continue;
-        widen_block<VC>(a.rows_c + i0 * RC, yb, n);
+        load_block<VC>(a, i0, n, many, a.qpair && a.k2 == 0, a.k2 > 0 ? RC : VT * 16, yb, yt, ytp);
         if (many) {  // many queries: most of this block's fine rows will be read; fetch the next block's
-            if (a.qpair && a.k2 == 0) transpose_pairs(a.rows_c + i0 * RC, RC, ytp, n, VT * 16);
-            else transpose_block<VC>(yb, yt, n, a.k2 > 0 ? RC : VT * 16);
             const int64_t next = std::min<int64_t>(i0 + 16, hi), rows = std::min<int64_t>(16, hi - next);
             const char* at = reinterpret_cast<const char*>(a.rows_f + next * a.rf);
             for (int64_t off = 0; off < rows * a.rf * 2; off += 64) _mm_prefetch(at + off, _MM_HINT_T0);
@@ -507,9 +513,7 @@ void rescue_range512(const Args& a, const float* floor, int64_t lo, int64_t hi,
         const int n = static_cast<int>(std::min<int64_t>(16, hi - i0));
         const uint32_t alive = alive_lanes(a, i0, n);
         if (!alive) continue;
-        widen_block<VC>(a.rows_c + i0 * RC, yb, n);
-        if (many && a.qpair) transpose_pairs(a.rows_c + i0 * RC, RC, ytp, n, VT * 16);  // the screen's columns
-        else if (many) transpose_block<VC>(yb, yt, n, VT * 16);
+        load_block<VC>(a, i0, n, many, a.qpair != nullptr, VT * 16, yb, yt, ytp);  // the screen's columns
         const __mmask16 full = static_cast<__mmask16>((1u << n) - 1u);
         const __m512 set = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(full, a.e_t + i0));
         const __m512 sec = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(full, a.e_c + i0));

@@ -75,6 +75,7 @@ import torch
 
 from .backends.torch_ref import normalize_queries
 from .retrieval import RetrievalParams, RetrievalResult, compute_dtype
+from . import sketch as _sketch
 from .sketch import KeySketch
 
 __all__ = ["FaissPrefilter", "INDEX_KINDS", "prefiltered_retrieve"]
@@ -458,8 +459,7 @@ def prefiltered_retrieve(queries: torch.Tensor, keys: torch.Tensor, slot_of_id: 
 def pair_dots(keys: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """q[rows[i]] . keys[slots[i]] for every i, in q's dtype: in C++ without copying the keys when
     both are float32 on the CPU (keys rows contiguous), else in torch in bounded chunks."""
-    from . import sketch
-    native = sketch._native
+    native = _sketch._native
     if (native is not None and keys.device.type == "cpu" and keys.dtype == torch.float32
             and q.dtype == torch.float32 and keys.stride(1) == 1 and rows.numel()):
         qc = q.contiguous()

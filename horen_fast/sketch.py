@@ -205,9 +205,11 @@ class KeySketch:
         return (_native is not None and q.device.type == "cpu" and q.dtype == torch.float32
                 and self._coarse.dtype == torch.bfloat16)
 
-    def _native_rows(self, exclude: torch.Tensor):
+    def _native_rows(self, exclude: torch.Tensor, first: torch.Tensor):
+        """The C++ passes' row arguments; ``first``: the energies of the first, cheapest bound
+        (the tail's for scan, the screen's for rescue)."""
         excl = torch.where(exclude >= 0, exclude, self.count).sort(dim=1).values.contiguous()
-        return (self._coarse.data_ptr(), self._fine.data_ptr(), self._energy_t.data_ptr(),
+        return (self._coarse.data_ptr(), self._fine.data_ptr(), first.data_ptr(),
                 self._energy_c.data_ptr(), self._energy.data_ptr(), self._alive.data_ptr(),
                 excl.data_ptr()), excl
 
@@ -242,7 +244,7 @@ class KeySketch:
         b, rt, rc, rf = q.shape[0], self.tail_rank, self._coarse.shape[1], self._fine.shape[1]
         cvar = (0.5 * beta * beta * self._spread() * perp2_t).contiguous()
         perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
-        rows, excl = self._native_rows(exclude)
+        rows, excl = self._native_rows(exclude, self._energy_t)
         run_max, run_z, run_v = (torch.empty(b) for _ in range(3))
         run_y = torch.empty(b, rt)
         near = torch.empty(b, nearest, dtype=torch.long)
@@ -312,11 +314,10 @@ class KeySketch:
         qc, qf, _, perp2, perp2_c, _ = self._parts(q)
         if self._native_ok(q):
             rs = self.screen_rank  # the first bound reads rs columns, then the coarse part, then all
-            perp_s = (1.0 - (qc[:, :rs] ** 2).sum(1)).clamp(min=0.0).sqrt().contiguous()
+            perp_s = (perp2_c + (qc[:, rs:] ** 2).sum(1)).sqrt().contiguous()
             perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
             floor = floor.float().contiguous()
-            rows, excl = self._native_rows(exclude)
-            rows = rows[:2] + (self._energy_s.data_ptr(),) + rows[3:]
+            rows, excl = self._native_rows(exclude, self._energy_s)
             found = _native.rescue(qc.data_ptr(), qf.data_ptr(), perp_s.data_ptr(), perp_c.data_ptr(),
                                    perp.data_ptr(), *rows, floor.data_ptr(), q.shape[0], rs,
                                    self._coarse.shape[1], self._fine.shape[1], self.count, excl.shape[1],
@@ -332,10 +333,6 @@ class KeySketch:
             empty = torch.empty(0, dtype=torch.long, device=q.device)
             return empty, empty
         return torch.cat(rows), torch.cat(labels)
-
-    def nbytes(self) -> int:
-        per_row = (self._coarse.shape[1] + self._fine.shape[1]) * self._coarse.element_size() + 13
-        return self.count * per_row
 
     def __repr__(self) -> str:
         basis = ("identity" if self.basis is None else
