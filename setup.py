@@ -1,6 +1,8 @@
 """Build script: packages horen_fast (with kernels/ shipped as horen_fast.kernels) and compiles
-the C++ retrieval kernel in csrc/ with pybind11 (no torch headers needed at build time: the kernel
-works on raw tensor pointers handed over by horen_fast.backends.cpp).
+the C++ CPU kernels in csrc/ with pybind11: horen_fast._C (csrc/retrieve, the fused retrieval) and
+horen_fast._sketch (csrc/sketch, the prefilter's sketch passes and pair_dots). No torch headers
+are needed at build time: the bindings (csrc/bindings) read and check the tensors through the
+Python API (csrc/common/tensor_args.h). horen_fast/native.py is their only importer.
 
 A failed C++ build does not fail the install: horen_fast then falls back to the torch backend and
 warns once. Set HOREN_FAST_REQUIRE_CPP=1 to make a failed build an error instead.
@@ -37,13 +39,16 @@ class OptionalBuildExt(build_ext):
               file=sys.stderr)
 
 
+RETRIEVE_SOURCES = ["csrc/retrieve/kernel.cpp", "csrc/bindings/retrieve_module.cpp"]
+SKETCH_SOURCES = ["csrc/sketch/kernels.cpp", "csrc/bindings/sketch_module.cpp"]
+
 ext_modules = []
-if Pybind11Extension is not None and os.path.exists("csrc/horen_cpu.cpp") and os.path.exists("csrc/sketch_cpu.cpp"):
+if Pybind11Extension is not None and all(os.path.exists(p) for p in RETRIEVE_SOURCES + SKETCH_SOURCES):
     ParallelCompile("NPY_NUM_BUILD_JOBS", default=2).install()
     ext_modules.append(
         Pybind11Extension(
             "horen_fast._C",
-            ["csrc/horen_cpu.cpp"],
+            RETRIEVE_SOURCES,
             extra_compile_args=["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
             extra_link_args=["-fopenmp"],
             cxx_std=17,
@@ -52,7 +57,7 @@ if Pybind11Extension is not None and os.path.exists("csrc/horen_cpu.cpp") and os
     ext_modules.append(
         Pybind11Extension(
             "horen_fast._sketch",
-            ["csrc/sketch_cpu.cpp"],
+            SKETCH_SOURCES,
             extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
             cxx_std=17,

@@ -3,9 +3,10 @@
     python bench/fit_activations.py [--records ../shared/data/zsre_dev.jsonl] [--rank 128]
 
 Runs SmolLM2-135M (horen_fast.models.load_model("smollm2")) over the ZsRE prompts, rephrases and
-unrelated (locality) prompts, takes the paper's query (SPEC 2: the mean of the wrapped layer's
-input over the last 60% of prompt tokens) at the default layer's down_proj, and saves into
-bench/data/smollm2_zsre_activations.safetensors (a few hundred KB):
+unrelated (locality) prompts, takes the paper's query (the mean of the wrapped layer's input over
+the last 60% of prompt tokens) at the default layer's down_proj, and saves into
+horen_fast/resources/smollm2_zsre_activations.safetensors (about 400 KB, shipped as package data
+and read by horen_fast.synthetic.ActivationModel.load()):
 - the mean and a rank-r factor F of the covariance (cov ~ F F^T + noise_std^2 I), from all prompts;
 - the empirical cosine between each prompt's key and its rephrase's key (101 quantiles), which the
   generator uses for its paraphrase-like queries;

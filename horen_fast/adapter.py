@@ -1,40 +1,40 @@
 """HoReNAdapter: the nn.Module that wraps the edited layer (SPEC 1, 2 and 4).
 
-Its forward computes the wrapped layer's output ``y = base(x)`` and, at a first (prefill) pass,
-builds one query per row from the layer input over that row's prompt tokens, calls
-``codebook.retrieve`` once (no host sync), and adds the matched entry's value at the row's last
-prompt position. Rows that match nothing keep ``y`` bit for bit.
+Its forward computes the wrapped layer's output ``y = base(x)`` and then does what the adapter's
+``state`` says (one at a time; each set explicitly, through the public methods below):
 
-Which tokens are the prompt, per row, comes from ``begin_pass`` (called by the editor's forward
-pre-hook on the model, which reads ``attention_mask``) or from ``pin`` (the editor's generate and
-score). Without either, the whole input is the prompt. Decode steps (a pass over a non-empty KV
-cache) add nothing: their cached keys and values already saw the edit (SPEC 4).
+- ``PROMPT`` (the default): at a first pass, one query per row over that row's prompt tokens,
+  ``codebook.retrieve`` once (no host sync), the matched value added at the row's last prompt
+  position;
+- ``PINNED`` (``with adapter.pinned(prompt_mask)``): the same, with the prompt fixed by the caller;
+- ``OFF`` (``adapter.enabled = False``): ``y`` only;
+- ``CAPTURE`` (``with adapter.capturing(fn)``): ``fn(x, y)``, then ``y`` (an edit's first pass);
+- ``TRAIN`` (``with adapter.training_entries(positions, entries)``): row b gets ``entries[b]`` at
+  ``positions[b]`` (entries being optimized; nothing retrieved).
+
+In ``PROMPT`` state, which tokens are the prompt comes from ``begin_pass`` (called by the
+editor's forward pre-hook on the model): a row that begins with one of ``known_prompts``
+(``inference.KnownPrompts``) has that prompt, any other row its non-padding tokens
+(``attention_mask``); without ``begin_pass`` the whole input is the prompt.
+Decode steps (``begin_pass(first=False)``, a pass over a non-empty KV cache) add nothing: their
+cached keys and values already saw the edit (SPEC 4). Rows that match nothing keep ``y`` bit for
+bit.
 """
 from __future__ import annotations
 
+import enum
 import math
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from .arch import layer_dims
 from .codebook import Codebook
 from .config import parse_query_strategy
+from .inference import KnownPrompts
 
-__all__ = ["HoReNAdapter", "build_queries", "layer_dims"]
-
-
-def layer_dims(module: nn.Module) -> tuple[int, int, bool]:
-    """(input width, output width, is_conv1d) of a linear layer: nn.Linear, or GPT-2's Conv1D
-    (weight stored transposed, [in, out])."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"):
-        nx, nf = module.weight.shape
-        return int(nx), int(nf), True
-    raise TypeError(f"HoReN wraps a linear layer (nn.Linear or GPT-2 Conv1D); the chosen layer is "
-                    f"{type(module).__name__}. Point layer= at the MLP output projection "
-                    f"(e.g. model.layers.15.mlp.down_proj)")
+__all__ = ["HoReNAdapter", "State", "build_queries", "layer_dims"]
 
 
 def build_queries(x: torch.Tensor, prompt_mask: torch.Tensor, strategy: str
@@ -69,6 +69,15 @@ def build_queries(x: torch.Tensor, prompt_mask: torch.Tensor, strategy: str
     return q, last_pos
 
 
+class State(enum.Enum):
+    """What the adapter's forward does (module docstring)."""
+    PROMPT = "prompt"      # apply edits; the prompt of each row from the pass (begin_pass)
+    PINNED = "pinned"      # apply edits; the prompt fixed by the caller (pinned)
+    OFF = "off"            # the wrapped layer only (enabled = False)
+    CAPTURE = "capture"    # hand (x, y) to a callback, add nothing (capturing)
+    TRAIN = "train"        # add entries being trained at given positions (training_entries)
+
+
 class HoReNAdapter(nn.Module):
     """Wraps one linear layer; see the module docstring. ``base`` is the original layer (its
     parameters are shared, never modified)."""
@@ -83,33 +92,80 @@ class HoReNAdapter(nn.Module):
         self.strategy = strategy
         parse_query_strategy(strategy)
         self.lora_rank, self.lora_scale = lora_rank, lora_scale
-        self.enabled = True
+        self.enabled = True               # False: State.OFF
+        self.known_prompts = KnownPrompts()  # prompts whose end a first pass recognizes
         self.last_retrieval = None       # RetrievalResult of the last pass that retrieved
         self._pass = None                 # None (no info) | ("first", mask or None) | ("decode",)
-        self._pinned = None               # bool [B, T0] prompt mask fixed by the editor
-        self._capture = None              # callable(x, y) during an edit's first pass
-        self._edit = None                 # (positions [B], entries [B, E]) while edits train
+        self._pinned = None               # State.PINNED: bool [B, T0] prompt mask
+        self._capture = None              # State.CAPTURE: callable(x, y)
+        self._edit = None                 # State.TRAIN: (positions [B], entries [B, E])
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, entries={len(self.codebook)}, strategy={self.strategy!r}"
 
-    # ---- pass state (set by the editor) -----------------------------------------------------
-    def begin_pass(self, first: bool, mask: torch.Tensor | None = None) -> None:
-        self._pass = ("first", mask) if first else ("decode",)
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        """The adapter's current ``State`` (module docstring)."""
+        if self._capture is not None:
+            return State.CAPTURE
+        if self._edit is not None:
+            return State.TRAIN
+        if not self.enabled:
+            return State.OFF
+        return State.PINNED if self._pinned is not None else State.PROMPT
+
+    def begin_pass(self, first: bool, attention_mask: torch.Tensor | None = None,
+                   input_ids: torch.Tensor | None = None) -> None:
+        """Describe the coming pass (called by the editor's forward pre-hook): ``first`` (over an
+        empty KV cache; False: a decode step, which adds nothing), its ``attention_mask`` ([B, T],
+        non-zero on real tokens; None: all are) and ``input_ids``. A row that begins with one of
+        ``known_prompts`` has that prompt as its prompt; otherwise all its real tokens are."""
+        if not first:
+            self._pass = ("decode",)
+            return
+        if input_ids is not None and len(self.known_prompts):
+            attention_mask = self.known_prompts.prompt_mask(input_ids, attention_mask)
+        self._pass = ("first", attention_mask)
 
     def end_pass(self) -> None:
         self._pass = None
 
     @contextmanager
-    def pinned(self, prompt_mask: torch.Tensor):
-        """Fix the prompt (bool/0-1 [B, T0], True on prompt tokens) for every first pass inside
-        the block, e.g. for cache-free generation, where each step re-runs the whole sequence."""
-        old = self._pinned
-        self._pinned = prompt_mask.to(torch.bool)
+    def _entered(self, attr: str, value):
+        if self._capture is not None or self._edit is not None:
+            raise RuntimeError(f"the adapter is in state {self.state.name}; leave it before "
+                               f"entering another edit state")
+        old = getattr(self, attr)
+        setattr(self, attr, value)
         try:
-            yield
+            yield self
         finally:
-            self._pinned = old
+            setattr(self, attr, old)
+
+    def pinned(self, prompt_mask: torch.Tensor):
+        """State.PINNED inside the block: fix the prompt (bool/0-1 [B, T0], True on prompt tokens)
+        of every first pass, e.g. for cache-free generation, where each step re-runs the whole
+        sequence (the pass's T may exceed T0: the positions after T0 are not prompt)."""
+        if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dim() != 2:
+            raise ValueError(f"the pinned prompt mask must be a 2-D tensor [batch, tokens], got "
+                             f"{getattr(prompt_mask, 'shape', type(prompt_mask).__name__)}")
+        return self._entered("_pinned", prompt_mask.to(torch.bool))
+
+    def capturing(self, callback):
+        """State.CAPTURE inside the block: each forward calls ``callback(x, y)`` (the layer's
+        input and output) and returns ``y`` unchanged (an edit's first pass)."""
+        if not callable(callback):
+            raise TypeError(f"capturing needs a callable(x, y), got {type(callback).__name__}")
+        return self._entered("_capture", callback)
+
+    def training_entries(self, positions: torch.Tensor, entries: torch.Tensor):
+        """State.TRAIN inside the block: row b of each forward gets ``delta(entries[b])`` added at
+        position ``positions[b]`` (entries being optimized; nothing is retrieved)."""
+        if positions.dim() != 1 or entries.dim() != 2 or positions.shape[0] != entries.shape[0]:
+            raise ValueError(f"training needs positions [B] and entries [B, entry_dim], got "
+                             f"{tuple(positions.shape)} and {tuple(entries.shape)}")
+        return self._entered("_edit", (positions, entries))
 
     def _prompt_mask(self, B: int, T: int, device) -> torch.Tensor | None:
         """The prompt mask [B, T] for this pass, or None when nothing is to be added."""

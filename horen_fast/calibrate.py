@@ -7,7 +7,8 @@ comes after it. So tau can be chosen without training a single value:
 
 1. one forward pass (stopped at the wrapped layer) gives the queries of the edit prompts, of their
    paraphrases and of unrelated prompts;
-2. the codebook that sequential editing would build is replayed (reuse / replace / add, SPEC 5.3);
+2. the codebook that sequential editing would build is replayed (reuse / replace / add, SPEC 5.3,
+   with the editor's own decision, ``edits.decide``);
 3. for every candidate tau, the Hopfield final scores (SPEC 3) tell which prompts match which entry:
    an edit prompt or a paraphrase is served when it matches an entry made for its target, an
    unrelated prompt is left alone when it matches nothing;
@@ -28,13 +29,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .arch import layer_path, resolve_layer
+from .codebook import Codebook
 from .data import EditRecord, left_pad
+from .edits import SAME_KEY_COS, Changes, Decision, decide, edit_label
 from .retrieval import final_scores
 
 __all__ = ["DEFAULTS", "recommended_config", "prompt_queries", "edit_label", "replay_codebook",
            "RetrievalTable", "retrieval_table", "choose_threshold", "calibrate", "register_cli"]
-
-SAME_KEY_COS = 1 - 1e-6   # SPEC 5.3: the same prompt edited again
 
 # Recommended settings of the models horen-fast knows, chosen on the first 300 ZsRE dev records
 # (bench/sweep_defaults.py; table in bench/RESULTS.md, "ZsRE dev, SmolLM2"). Keys are HoReNConfig
@@ -59,7 +61,7 @@ def recommended_config(model_name: str = "smollm2", model=None):
     if model is None:
         raise ValueError(f"no recommended settings for {model_name!r}; pass the model so that the "
                          f"default layer can be derived, or build a HoReNConfig yourself")
-    from .models import default_layer
+    from .arch import default_layer
     return HoReNConfig(layer=default_layer(model))
 
 
@@ -72,11 +74,8 @@ class _Stop(Exception):
 def _layer_module(model, layer, editor=None):
     """The linear module whose input is the query at ``layer`` (the wrapped base layer when an
     editor's adapter sits there)."""
-    from .editor import resolve_layer
-    if editor is not None:
-        same = layer == editor.config.layer or layer == editor.layer_path
-        if same:
-            return editor.adapter.base
+    if editor is not None and layer_path(model, layer) == editor.layer_path:
+        return editor.adapter.base
     return resolve_layer(model, layer)[1]
 
 
@@ -138,61 +137,42 @@ def prompt_queries(model, tokenizer, prompts: Sequence[str], layers: Sequence, s
     return {layer: torch.stack(v) for layer, v in out.items()}
 
 
-def edit_label(tokenizer, prompt: str, target: str) -> tuple[int, ...]:
-    """The target token ids an edit stores as its label (as HoReNEditor tokenizes an edit:
-    the tail of ``prompt + " " + target`` after the prompt's tokens)."""
-    p_ids = list(tokenizer(prompt)["input_ids"])
-    full = list(tokenizer(prompt + " " + target)["input_ids"])
-    if len(full) > len(p_ids) and full[: len(p_ids)] == p_ids:
-        return tuple(full[len(p_ids):])
-    return tuple(tokenizer(" " + target, add_special_tokens=False)["input_ids"])
-
-
 # --------------------------------------------------------------------------- codebook replay
 
 def replay_codebook(edit_queries: torch.Tensor, labels: Sequence[tuple], *, threshold: float,
                     beta: float = 20.0, alpha: float = 0.1, steps: int = 1, eps: float = 1e-5):
-    """The codebook sequential editing builds (SPEC 5.3) from the edit prompts' queries, in order:
-    returns (keys [N, d] unit norm, entry labels, entry_of_edit: the entry index each edit ended
-    in, or -1 where a later edit of the same prompt replaced it)."""
+    """The codebook sequential editing builds (SPEC 5.3) from the edit prompts' queries, in order,
+    decided by the editor's own ``edits.decide``: returns (keys [N, d] unit norm, entry labels,
+    entry_of_edit: the entry index each edit ended in, or -1 where a later edit of the same prompt
+    replaced it)."""
     q = F.normalize(edit_queries.double(), dim=1)
     labels = [tuple(x) for x in labels]
-    n = len(labels)
     # an earlier edit with (nearly) this very key: the only way a "replace" can happen
     same = torch.tril(q @ q.T > SAME_KEY_COS, diagonal=-1).any(dim=1).tolist()
-    src: list[int] = []              # entry -> the edit whose query is its key
-    alive: list[bool] = []
+    book = Codebook(q.shape[1], 1, dtype=torch.float64, beta=beta, alpha=alpha, steps=steps,
+                    threshold=threshold, eps=eps, backend="torch")
+    changes = Changes(book)
+    no_value = torch.zeros(1, dtype=torch.float64)
     live_labels: dict[tuple, int] = {}
-    entry_of = [-1] * n
-    owner: list[list[int]] = []
+    owners: dict[int, list[int]] = {}   # entry id (= storage position: nothing is removed) -> edits
+    entry_of = [-1] * len(labels)
     for i, label in enumerate(labels):
-        # retrieval can only change the outcome when a live entry has this label (reuse) or this
-        # key (replace); otherwise the edit adds an entry whatever it retrieves
-        if src and (live_labels.get(label, 0) > 0 or same[i]):
-            live = [j for j, a in enumerate(alive) if a]
-            c = final_scores(q[i:i + 1], q[[src[j] for j in live]], beta=beta, alpha=alpha, steps=steps,
-                             eps=eps)[0]
-            best = int(torch.argmax(c))
-            if float(c[best]) > threshold:
-                j = live[best]
-                if labels[src[j]] == label:
-                    entry_of[i] = j
-                    owner[j].append(i)
-                    continue
-                if float(q[i] @ q[src[j]]) > SAME_KEY_COS:
-                    alive[j] = False
-                    live_labels[labels[src[j]]] -= 1
-                    for e in owner[j]:
-                        entry_of[e] = -1
-        entry_of[i] = len(src)
-        src.append(i)
-        alive.append(True)
-        owner.append([i])
-        live_labels[label] = live_labels.get(label, 0) + 1
-    live = [j for j, a in enumerate(alive) if a]
-    remap = {j: k for k, j in enumerate(live)}
-    entry_of = [remap.get(e, -1) if e >= 0 else -1 for e in entry_of]
-    return q[[src[j] for j in live]], [labels[src[j]] for j in live], entry_of
+        # decide can only reuse where an entry has this label, or replace where one has this key
+        if live_labels.get(label, 0) > 0 or same[i]:
+            decision = decide(book, q[i], label)
+        else:
+            decision = Decision("added", None)
+        if decision.action == "replaced":
+            old = book.get_labels(decision.entry_id)[0]
+            live_labels[old] -= 1
+            for e in owners.pop(decision.entry_id):
+                entry_of[e] = -1
+        j = changes.apply(decision, q[i], label, no_value)
+        if decision.action != "reused":
+            live_labels[label] = live_labels.get(label, 0) + 1
+        owners.setdefault(j, []).append(i)
+        entry_of[i] = j
+    return book.keys.clone(), list(book.get_labels(book.ids)) if len(book) else [], entry_of
 
 
 # --------------------------------------------------------------------------- retrieval table

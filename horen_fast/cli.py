@@ -1,10 +1,20 @@
 """The ``horen-fast`` command. Each subcommand lives in the module that owns the work; a module
-joins the command by defining ``register_cli(subparsers)`` and being listed in _COMMAND_MODULES."""
+joins the command by defining ``register_cli(subparsers)`` and being listed in _COMMAND_MODULES.
+
+Errors: a command raises ``CommandError`` for a bad input (a model, config, layer or data file
+that cannot be used); ``main`` prints it as one line, ``horen-fast COMMAND: what was wrong; what
+to do``, and returns exit status 2. ``HOREN_FAST_DEBUG=1`` shows the traceback instead. Ctrl-C
+returns 130 after the command has said how far it got.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from contextlib import contextmanager
+
+__all__ = ["CommandError", "bad_input", "one_line", "build_parser", "main"]
 
 _COMMAND_MODULES = [
     # module path, relative to horen_fast (each defines register_cli(subparsers))
@@ -14,8 +24,67 @@ _COMMAND_MODULES = [
 ]
 
 
+class CommandError(ValueError):
+    """A bad input to a command; its message says what was wrong and what to do."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace runs, newlines included, become one space)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _yaml_error():
+    try:
+        import yaml
+        return yaml.YAMLError
+    except ImportError:  # pragma: no cover - PyYAML is a dependency
+        return ()
+
+
+@contextmanager
+def bad_input(what: str, hint: str = ""):
+    """Turn the errors a bad ``what`` (e.g. "--model x") causes inside the block into a
+    CommandError naming it: ValueError, TypeError, LookupError, OSError, ImportError, RuntimeError
+    and YAML errors; a file that is not text says so."""
+    try:
+        yield
+    except CommandError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"{what}: not a UTF-8 text file (byte {exc.object[exc.start:exc.start + 1]!r} "
+                           f"at offset {exc.start}); pass a text (YAML) file") from exc
+    except (ValueError, TypeError, LookupError, OSError, ImportError, RuntimeError, _yaml_error()) as exc:
+        detail = one_line(exc)
+        if isinstance(exc, _yaml_error()):
+            detail = f"not valid YAML ({detail}); fix the file"
+        raise CommandError(f"{what}: {detail}{'; ' + hint if hint else ''}") from exc
+
+
+def _version() -> str:
+    import torch
+
+    from . import __version__
+    from .retrieval import available_backends
+    return (f"horen-fast {__version__} (torch {torch.__version__}; retrieval backends: "
+            f"{', '.join(available_backends())})")
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked for (it imports torch)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="horen-fast", description="HoReN model editing, fast.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version, torch's and the retrieval backends available, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(f"horen_fast.{name}").register_cli(sub)
@@ -28,8 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    args.command_line = ["horen-fast", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as exc:
+        if os.environ.get("HOREN_FAST_DEBUG") == "1":
+            raise
+        print(f"horen-fast {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"horen-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # python -m horen_fast.cli: run the package's copy (one CommandError class)
+    from horen_fast.cli import main as package_main
+    sys.exit(package_main())

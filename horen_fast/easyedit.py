@@ -1,48 +1,193 @@
-"""EasyEdit entry point: ``apply_horen_to_model`` with the calling convention of EasyEdit's
-``apply_<method>_to_model`` functions (GRACE, WISE, the published HoReN), so horen-fast can be
-registered in EasyEdit's ``ALG_DICT`` in place of the published implementation::
+"""horen-fast as an EasyEdit editing method, driven by EasyEdit's own code without patches.
 
-    from horen_fast.easyedit import apply_horen_to_model
-    ALG_DICT["HOREN"] = apply_horen_to_model
+Register it once, then use EasyEdit as for any method::
 
-It returns ``(edited_model, weights_copy)``: ``edited_model`` is the model itself, edited in
-place (the HoReN adapter installed on the configured layer), with its editor at
-``edited_model.horen_editor``; ``weights_copy`` is a callable that removes the edits and puts the
-original layer back (EasyEdit calls it between edits when ``sequential_edit`` is off). Calling
-``apply_horen_to_model`` again on the same model adds to the same codebook (sequential editing).
+    from easyeditor import BaseEditor
+    from horen_fast import easyedit, hparams
+
+    easyedit.register()                       # ALG_DICT["HOREN"] = apply_horen_to_model
+    hp = easyedit.HoReNHyperParams.from_hparams(hparams.path("llama-3.1-8b"))
+    editor = BaseEditor.from_hparams(hp)
+    metrics, edited_model, _ = editor.edit(prompts=..., target_new=..., rephrase_prompts=...,
+                                           locality_inputs=..., sequential_edit=True)
+
+``apply_horen_to_model`` has the calling convention of EasyEdit's ``apply_<method>_to_model``. It
+edits the model in place (``copy=True``: a deep copy) and returns ``(model, weights_copy)``:
+
+* ``model`` is the model itself, with the HoReN adapter on the configured layer and its editor at
+  ``model.horen_editor``. Its own forward and generate apply each edit at its prompt's end
+  (SPEC 4): ``model.generate`` pins the prompt (with and without the KV cache, greedy or sampled,
+  batched), and every prompt of the requests it was given (prompt, rephrase_prompt, locality and
+  portability prompts) is a known prompt (``inference.KnownPrompts``), so EasyEdit's teacher-forced
+  scoring of ``prompt + " " + target`` in one forward pass gets the edit at the prompt's last
+  token, not at the last target token. A pass over a row that begins with no known prompt takes
+  all its non-padding tokens as the prompt.
+* ``weights_copy`` undoes the edits (the original layer back, the editor and the pinned generate
+  removed) in either of EasyEdit's restore conventions: called (its ``CALLABLE_RESTORE_ALGS``) or
+  through ``weights_copy.items()`` (the weight-copy convention of ``restore_after_edit`` and
+  ``normal_edit``): HoReN never changes a weight, so ``items()`` has nothing to copy back; it
+  removes the adapter and yields nothing.
+
+Calling ``apply_horen_to_model`` again on the same model adds to the same codebook (EasyEdit's
+``sequential_edit=True``); with ``sequential_edit=False`` EasyEdit restores after each request.
+Hyper-parameters: a ``HoReNHyperParams``, a HoReNConfig, a dict or YAML path of the published
+keys, or any object with those keys as attributes; keys of EasyEdit's own (``evaluation_type``,
+``fp16``, ``model_parallel``, ...) are accepted with one warning and ignored by HoReN.
+
+What EasyEdit's code cannot do with a registered method: ``batch_edit`` and ``normal_edit`` assert
+``BatchEditor.is_batchable_method(alg_name)``, a fixed list of names in EasyEdit; ``edit`` asserts
+``batch_size == 1`` for every other method. Edit many records at once with
+``model.horen_editor.edit_many`` (or EasyEdit's ``edit(..., sequential_edit=True)``).
+
+Which EasyEdit metric differs from horen-fast's own evaluation (SPEC 6), and why: EasyEdit's
+default ``rewrite_acc`` / ``rephrase_acc`` / ``locality`` are teacher-forced (each target token
+predicted after the gold target tokens before it), horen-fast's are greedy generation (each
+token after the generated ones). With the edit applied at the same position both agree on
+single-token targets; on longer targets teacher forcing can only score higher (a wrong token does
+not derail the next). The published harness (``vanilla_generation`` for HOREN, cache-free greedy
+generation through ``model.generate``) is SPEC 6 and gives horen-fast's numbers.
 """
 from __future__ import annotations
 
 import copy as _copy
 import dataclasses
 import os
-from typing import Any, Callable
+import warnings
+from typing import Any
 
-from .config import HoReNConfig
+from . import inference
+from .arch import layer_path
+from .config import IGNORED_KEYS, HoReNConfig
 from .editor import HoReNEditor
 
-__all__ = ["apply_horen_to_model", "as_config", "EDITOR_ATTR"]
+__all__ = ["apply_horen_to_model", "as_config", "register", "HoReNHyperParams", "Restore",
+           "request_prompts", "EDITOR_ATTR"]
 
 EDITOR_ATTR = "horen_editor"
+_KNOWN_KEYS = frozenset(f.name for f in dataclasses.fields(HoReNConfig)) | {"inner_params"} | IGNORED_KEYS
+# EasyEdit's harness keys, with the values its BaseEditor expects when a file leaves them out
+_HARNESS_DEFAULTS = {"alg_name": "HOREN", "model_name": None, "device": 0, "model_parallel": False,
+                     "batch_size": 1}
+
+
+def _known_only(data: dict, source: str) -> dict:
+    extra = sorted(k for k in data if k not in _KNOWN_KEYS)
+    if extra:
+        warnings.warn(f"{source}: ignoring key(s) {extra} (EasyEdit's or another method's; HoReN does "
+                      f"not use them)", UserWarning, stacklevel=3)
+    return {k: v for k, v in data.items() if k in _KNOWN_KEYS}
+
+
+def _read_yaml(path) -> dict:
+    import yaml
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no HoReN hyper-parameter file at {path}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of hyper-parameters, got {type(data).__name__}")
+    return data
 
 
 def as_config(hparams) -> HoReNConfig:
-    """A HoReNConfig from a HoReNConfig, a dict of the published YAML keys, a path to such a YAML
-    file, or an object with those keys as attributes (an EasyEdit HyperParams)."""
+    """A HoReNConfig from a HoReNHyperParams, a HoReNConfig, a dict of the published YAML keys, a
+    path to such a YAML file, or an object with those keys as attributes (an EasyEdit
+    HyperParams). Keys HoReN does not know are ignored with a warning."""
+    if isinstance(hparams, HoReNHyperParams):
+        return hparams.config
     if isinstance(hparams, HoReNConfig):
         return hparams
     if isinstance(hparams, dict):
-        return HoReNConfig.from_dict(hparams, source="the hparams dict")
-    if isinstance(hparams, (str, os.PathLike)):
-        return HoReNConfig.from_yaml(hparams)
-    if dataclasses.is_dataclass(hparams) and not isinstance(hparams, type):
+        data, source = hparams, "the hparams dict"
+    elif isinstance(hparams, (str, os.PathLike)):
+        data, source = _read_yaml(hparams), os.fspath(hparams)
+    elif dataclasses.is_dataclass(hparams) and not isinstance(hparams, type):
         data = {f.name: getattr(hparams, f.name) for f in dataclasses.fields(hparams)}
-    elif hasattr(hparams, "__dict__"):
+        source = f"hparams ({type(hparams).__name__})"
+    elif hasattr(hparams, "__dict__") and not isinstance(hparams, type):
         data = {k: v for k, v in vars(hparams).items() if not k.startswith("_")}
+        source = f"hparams ({type(hparams).__name__})"
     else:
-        raise TypeError(f"hparams must be a HoReNConfig, a dict, a YAML path or an object with "
-                        f"HoReN hyper-parameters as attributes; got {type(hparams).__name__}")
-    return HoReNConfig.from_dict(data, source=f"hparams ({type(hparams).__name__})")
+        raise TypeError(f"hparams must be a HoReNHyperParams, a HoReNConfig, a dict, a YAML path or an "
+                        f"object with HoReN hyper-parameters as attributes; got {type(hparams).__name__}")
+    return HoReNConfig.from_dict(_known_only(data, source), source=source)
+
+
+class HoReNHyperParams:
+    """EasyEdit's hyper-parameter object for HoReN (what ``BaseEditor.from_hparams`` takes).
+
+    Every key given is an attribute, so EasyEdit reads its own keys (``model_name``, ``device``,
+    ``model_parallel``, ``batch_size``, ``max_length``, ``evaluation_type``, ``fp16``,
+    ``use_chat_template``, ...) where it expects them; ``alg_name``, ``model_name``, ``device``,
+    ``model_parallel`` and ``batch_size`` default to "HOREN", None, 0, False and 1. ``config`` is
+    the HoReNConfig of the HoReN keys (checked at construction)."""
+
+    def __init__(self, **keys: Any):
+        data = {**_HARNESS_DEFAULTS, **keys}
+        self.config = HoReNConfig.from_dict(_known_only(data, "HoReNHyperParams"),
+                                            source="HoReNHyperParams")
+        data.setdefault("max_length", self.config.max_length)
+        if "config" in data:
+            raise ValueError("HoReNHyperParams: 'config' is not a hyper-parameter name")
+        self.__dict__.update(data)
+
+    @classmethod
+    def from_hparams(cls, path) -> "HoReNHyperParams":
+        """Read a YAML file (EasyEdit's convention: ``.yaml`` may be left out)."""
+        path = os.fspath(path)
+        if not os.path.exists(path) and os.path.exists(path + ".yaml"):
+            path += ".yaml"
+        return cls(**_read_yaml(path))
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "config"}
+
+    def __repr__(self) -> str:
+        return f"HoReNHyperParams({self.to_dict()!r})"
+
+
+def register(alg_dict: dict | None = None, name: str = "HOREN") -> dict:
+    """Register ``apply_horen_to_model`` as EasyEdit's method ``name`` (its ``ALG_DICT``, from
+    ``easyeditor.util.alg_dict`` unless given); returns that dict. ``BaseEditor`` looks the method
+    up there by ``hparams.alg_name``."""
+    if alg_dict is None:
+        try:
+            from easyeditor.util.alg_dict import ALG_DICT as alg_dict
+        except ImportError as exc:
+            raise ImportError(f"register() needs EasyEdit (the easyeditor package) importable, or its "
+                              f"ALG_DICT passed as alg_dict= ({exc})") from exc
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    alg_dict[name] = apply_horen_to_model
+    return alg_dict
+
+
+class Restore:
+    """The ``weights_copy`` of ``apply_horen_to_model``: undoes the edits (module docstring)."""
+
+    def __init__(self, model, editor: HoReNEditor):
+        self.model, self.editor = model, editor
+
+    def __call__(self) -> None:
+        """Put the original layer back and drop the editor and the pinned generate from the model."""
+        self.editor.detach()
+        inference.unpin_generate(self.model)
+        if self.model.__dict__.get(EDITOR_ATTR) is self.editor:
+            del self.model.__dict__[EDITOR_ATTR]
+
+    def items(self):
+        """EasyEdit's weight-copy convention: restore, then nothing to copy back."""
+        self()
+        return iter(())
+
+    def __repr__(self) -> str:
+        return f"Restore({self.editor!r})"
 
 
 def _request(req) -> dict:
@@ -57,6 +202,22 @@ def _request(req) -> dict:
     return {"prompt": req["prompt"], "target": target}
 
 
+def request_prompts(req: dict) -> list[str]:
+    """Every prompt an EasyEdit request will be scored on: prompt, rephrase_prompt, and the
+    prompts of its locality and portability entries (a string or a list each)."""
+    out = [req.get("prompt"), req.get("rephrase_prompt")]
+    for group in ("locality", "portability"):
+        for entry in (req.get(group) or {}).values():
+            p = entry.get("prompt") if isinstance(entry, dict) else None
+            out.extend(p if isinstance(p, (list, tuple)) else [p])
+    return [p for p in out if isinstance(p, str) and p]
+
+
+def _chat(tok, prompt: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   tokenize=False)
+
+
 def _same(editor: HoReNEditor, config: HoReNConfig) -> bool:
     """Whether ``config`` describes the editor already installed (same layer, same values)."""
     a, b = editor.config.to_dict(), config.to_dict()
@@ -65,30 +226,31 @@ def _same(editor: HoReNEditor, config: HoReNConfig) -> bool:
         return False
     if lb == la or lb == editor.layer_path:
         return True
-    blocks, index = editor._blocks, editor._block_index
-    return isinstance(lb, int) and blocks is not None and lb % len(blocks) == index
+    return isinstance(lb, int) and layer_path(editor.model, lb) == editor.layer_path
 
 
 def apply_horen_to_model(model, tok, requests: list[dict], hparams, copy: bool = False,
                          return_orig_weights: bool = False, keep_original_weight: bool = False,
-                         **kwargs: Any) -> tuple[Any, Callable[[], None]]:
+                         **kwargs: Any):
     """Edit ``model`` with every request (sequentially); EasyEdit's calling convention.
 
-    ``requests``: dicts with "prompt" and "target_new" (other EasyEdit keys such as
-    "rephrase_prompt", "locality" and "portability" are for evaluation and are ignored here).
-    ``hparams``: see ``as_config``. ``copy=True`` edits a deep copy and leaves ``model`` alone.
-    ``return_orig_weights`` and ``keep_original_weight`` are accepted for compatibility: the base
-    weights are never modified, and the returned callable restores the original layer.
+    ``requests``: dicts with "prompt" and "target_new"; their "rephrase_prompt", "locality" and
+    "portability" prompts become known prompts (module docstring). ``hparams``: see ``as_config``;
+    with ``use_chat_template`` true, the chat-templated prompts are known too. ``copy=True`` edits
+    a deep copy and leaves ``model`` alone. ``return_orig_weights``, ``keep_original_weight`` and
+    other keyword arguments (``train_ds``) are accepted for compatibility: the base weights are
+    never modified.
 
-    Returns ``(edited_model, weights_copy)``; ``edited_model.horen_editor`` is the HoReNEditor
-    (its ``edit_many``, ``generate``, ``score``, ``save``, ``forget``), and ``weights_copy()``
-    detaches it."""
+    Returns ``(edited_model, weights_copy)``: the model (``edited_model.horen_editor`` is its
+    HoReNEditor) and a ``Restore``."""
     config = as_config(hparams)
-    reqs = [_request(r) for r in (requests if isinstance(requests, (list, tuple)) else [requests])]
+    reqs = requests if isinstance(requests, (list, tuple)) else [requests]
+    records = [_request(r) for r in reqs]
     if copy:
         model = _copy.deepcopy(model)
     editor = model.__dict__.get(EDITOR_ATTR)
-    if editor is not None and not editor._attached:
+    if editor is not None and not editor.attached:
+        del model.__dict__[EDITOR_ATTR]
         editor = None
     if editor is None:
         editor = HoReNEditor(model, tok, config)
@@ -96,14 +258,14 @@ def apply_horen_to_model(model, tok, requests: list[dict], hparams, copy: bool =
     elif not _same(editor, config):
         raise ValueError(
             f"this model already carries a HoReN editor with another configuration "
-            f"({editor!r}); call the weights_copy function returned with it (or "
-            f"model.{EDITOR_ATTR}.detach()) before editing with new hyper-parameters")
-    editor.edit_many(reqs, progress=False)
-
-    def weights_copy() -> None:
-        """Remove the edits: put the original layer back and drop the editor from the model."""
-        editor.detach()
-        if model.__dict__.get(EDITOR_ATTR) is editor:
-            del model.__dict__[EDITOR_ATTR]
-
-    return model, weights_copy
+            f"({editor!r}); call the weights_copy returned with it (or model.{EDITOR_ATTR}.detach()) "
+            f"before editing with new hyper-parameters")
+    editor.edit_many(records, progress=False)
+    inference.pin_generate(editor)
+    prompts = [p for r in reqs for p in request_prompts(r)]
+    known = editor.adapter.known_prompts
+    known.add_texts(tok, prompts)
+    chat = hparams.get("use_chat_template") if isinstance(hparams, dict) else getattr(hparams, "use_chat_template", None)
+    if chat is True:
+        known.add_texts(tok, [_chat(tok, p) for p in prompts])
+    return model, Restore(model, editor)

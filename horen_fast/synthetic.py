@@ -2,9 +2,11 @@
 
 A key is a normalized draw x / ||x|| of an anisotropic Gaussian x ~ N(mean, F F^T + s^2 I) (F: a
 low-rank factor of the covariance). ``ActivationModel.load()`` reads the mean, factor and noise
-fitted to SmolLM2-135M's down_proj inputs on ZsRE prompts (bench/fit_activations.py writes
-bench/data/smollm2_zsre_activations.safetensors); ``ActivationModel.anisotropic()`` is the
-stand-in when that file is not at hand (pairwise key cosine about 0.5, a decaying spectrum).
+fitted to SmolLM2-135M's down_proj inputs on ZsRE prompts (the query HoReN uses: the mean of the
+wrapped layer's input over the last 60% of prompt tokens). The fit ships inside the package
+(``FIT_FILE``, horen_fast/resources/, about 400 KB; bench/fit_activations.py rewrites it).
+``ActivationModel.anisotropic()`` is a stand-in to ask for explicitly (pairwise key cosine about
+0.5, a decaying spectrum), e.g. for other dimensions.
 
 Queries:
 - ``paraphrases(keys, ...)``: near a stored key, at a cosine drawn from the fitted distribution of
@@ -25,7 +27,7 @@ import torch
 
 __all__ = ["ActivationModel", "FIT_FILE", "KIND"]
 
-FIT_FILE = Path(__file__).resolve().parents[1] / "bench" / "data" / "smollm2_zsre_activations.safetensors"
+FIT_FILE = Path(__file__).resolve().parent / "resources" / "smollm2_zsre_activations.safetensors"
 KIND = "horen_fast.ActivationModel"
 
 
@@ -42,14 +44,13 @@ class ActivationModel:
         return self.mean.shape[0]
 
     @classmethod
-    def load(cls, path=None, *, fallback: bool = True) -> "ActivationModel":
-        """The model fitted to real activations, or (``fallback``) the anisotropic stand-in when
-        the file is absent."""
+    def load(cls, path=None) -> "ActivationModel":
+        """The model fitted to real activations: ``path``, or the fit shipped with the package."""
         path = Path(path) if path is not None else FIT_FILE
-        if not path.exists():
-            if fallback:
-                return cls.anisotropic()
-            raise FileNotFoundError(f"{path}: no fitted activation model; run bench/fit_activations.py")
+        if not path.is_file():
+            hint = ("the package is incomplete: reinstall horen-fast" if path == FIT_FILE else
+                    "pass the file bench/fit_activations.py wrote, or use ActivationModel.anisotropic()")
+            raise FileNotFoundError(f"no fitted activation model at {path}; {hint}")
         from ._files import load_tensors
 
         t, meta = load_tensors(path, KIND)

@@ -29,12 +29,13 @@ def test_replay_adds_reuses_and_replaces():
     q[4] = q[1]                                      # edit 1's prompt again, new target -> replaces it
     labels = [(7,), (8,), (7,), (9,), (10,)]
     keys, key_labels, entry_of = replay_codebook(q, labels, threshold=0.8)
-    assert key_labels == [(7,), (9,), (10,)]
-    assert entry_of == [0, -1, 0, 1, 2]
-    assert torch.allclose(keys, F.normalize(q[[0, 3, 4]].double(), dim=1))
+    # a replaced entry keeps its key and place and takes the new label (edits.decide)
+    assert key_labels == [(7,), (10,), (9,)]
+    assert entry_of == [0, -1, 0, 2, 1]
+    assert torch.allclose(keys, F.normalize(q[[0, 1, 3]].double(), dim=1))
     # above the threshold no reuse: edit 2 gets its own entry
     _, key_labels, entry_of = replay_codebook(q, labels, threshold=0.9999)
-    assert key_labels == [(7,), (7,), (9,), (10,)] and entry_of == [0, -1, 1, 2, 3]
+    assert key_labels == [(7,), (10,), (7,), (9,)] and entry_of == [0, -1, 2, 3, 1]
 
 
 def test_choose_threshold_takes_the_middle_of_the_widest_plateau():

@@ -1,12 +1,9 @@
-"""HoReNConfig: defaults, validation, published YAML files, layer resolution."""
+"""HoReNConfig: defaults, validation, published YAML files (layer resolution: test_arch.py)."""
 import textwrap
 
 import pytest
-import torch
 
-import tiny_models as tm
 from horen_fast.config import HoReNConfig, normalize_layer_path, parse_query_strategy
-from horen_fast.editor import resolve_layer
 
 # The shape of the published hyper-parameter files (SPEC 7): EasyEdit keys, GRACE-era leftovers,
 # inner_params in bracket form, and "1e-5", which YAML 1.1 reads as a string.
@@ -127,27 +124,3 @@ def test_query_strategies_parse():
     assert parse_query_strategy("first_prompt_token") == ("first", 1)
     assert parse_query_strategy("last_5_prompt_tokens_avg") == ("last", 5)
     assert parse_query_strategy("last_60_perc_prompt_tokens_avg") == ("perc", 60.0)
-
-
-@pytest.mark.parametrize("arch,expected", [
-    ("llama", "model.layers.{}.mlp.down_proj"),
-    ("qwen2", "model.layers.{}.mlp.down_proj"),
-    ("gpt2", "transformer.h.{}.mlp.c_proj"),
-])
-def test_layer_index_resolves_per_architecture(arch, expected):
-    model = tm.model(arch, layers=3)
-    assert resolve_layer(model, 1)[0] == expected.format(1)
-    assert resolve_layer(model, -1)[0] == expected.format(2)
-    path, module = resolve_layer(model, expected.format(0))
-    assert module is model.get_submodule(path)
-    with pytest.raises(ValueError, match="out of range"):
-        resolve_layer(model, 3)
-    with pytest.raises(ValueError, match="no module"):
-        resolve_layer(model, expected.format(9))
-
-
-def test_non_linear_layer_rejected():
-    model = tm.model("llama", layers=2)
-    with pytest.raises(TypeError, match="linear layer"):
-        resolve_layer(model, "model.layers.0.mlp")
-    assert torch.is_tensor(model.model.layers[0].mlp.down_proj.weight)

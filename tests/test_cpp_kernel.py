@@ -1,23 +1,24 @@
-"""The fused C++ CPU kernel (csrc/horen_cpu.cpp) against the float64 oracle, on every instruction
-set this CPU has (HOREN_FAST_CPU_ISA), with shapes that hit every tail of its loops."""
+"""The fused C++ CPU kernel (csrc/retrieve) against the float64 oracle, on every instruction set
+this CPU has (HOREN_FAST_CPU_ISA), with shapes that hit every tail of its loops."""
 import numpy as np
 import pytest
 import torch
 
-from horen_fast import retrieve
+from horen_fast import native, retrieve
 from horen_fast.backends import cpp
+from horen_fast.dispatch import NotSupportedError
 from oracle import anisotropic_keys, assert_agrees, mixed_queries, oracle_retrieve, unit
 
-pytestmark = pytest.mark.skipif(cpp._C is None, reason="the C++ extension is not built")
+pytestmark = pytest.mark.skipif(not native.RETRIEVE_BUILT, reason="the C++ extension is not built")
 
-ISAS = [isa for isa in ("avx512", "avx2", "scalar") if cpp._C is not None and cpp._C.isa_supported(isa)]
+ISAS = native.supported_isas()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     monkeypatch.setenv("HOREN_FAST_CPU_ISA", request.param)
-    assert cpp.cpu_isa() == request.param
+    assert native.cpu_isa() == request.param
     return request.param
 
 
@@ -159,11 +160,21 @@ def test_thread_count_does_not_change_the_result():
 
 
 def test_isa_switch_errors(monkeypatch):
+    """A bad or unsupported HOREN_FAST_CPU_ISA is a reason: a forced "cpp" refuses with it, "auto"
+    falls back to torch and says why."""
+    keys = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    queries = torch.randn(2, 8)
     monkeypatch.setenv("HOREN_FAST_CPU_ISA", "sse9")
+    with pytest.raises(NotSupportedError, match="HOREN_FAST_CPU_ISA='sse9'"):
+        retrieve(queries, keys, backend="cpp")
     with pytest.raises(ValueError, match="HOREN_FAST_CPU_ISA"):
-        retrieve(torch.randn(2, 8), torch.randn(3, 8), backend="cpp")
+        native.cpu_isa()
+    with pytest.warns(RuntimeWarning, match="sse9"):
+        res = retrieve(queries, keys, threshold=-1.0)
+    ref = retrieve(queries, keys, backend="torch", threshold=-1.0)
+    assert torch.equal(res.index, ref.index)
     for isa in ("avx512", "avx2"):
-        if not cpp._C.isa_supported(isa):
+        if isa not in ISAS:
             monkeypatch.setenv("HOREN_FAST_CPU_ISA", isa)
-            with pytest.raises(RuntimeError, match="does not support"):
-                retrieve(torch.randn(2, 8), torch.randn(3, 8), backend="cpp")
+            with pytest.raises(NotSupportedError, match="does not support"):
+                retrieve(queries, keys, backend="cpp")

@@ -150,9 +150,13 @@ def test_same_prompt_again_reuses_or_replaces():
     first = ed.edit("the capital of France is", "Rome")
     again = ed.edit("the capital of France is", "Rome")
     assert (again.action, again.id) == ("reused", first.id) and len(ed) == 1
+    key = ed.codebook.get_keys(first.id).clone()
     new = ed.edit("the capital of France is", "Tokyo")
-    assert (new.action, new.replaced_id) == ("replaced", first.id) and new.id != first.id
-    assert len(ed) == 1 and ed.codebook.ids == [new.id]
+    # the entry of this prompt is replaced in place: same id, same key, the new label and value
+    assert (new.action, new.replaced_id, new.id) == ("replaced", first.id, first.id)
+    assert len(ed) == 1 and ed.codebook.ids == [first.id]
+    assert torch.equal(ed.codebook.get_keys(first.id), key)
+    assert ed.codebook.get_labels(first.id)[0] == tuple(target_ids(tok, ["Tokyo"])[0].tolist())
     assert torch.equal(greedy(ed, tok, ["the capital of France is"]), target_ids(tok, ["Tokyo"]))
 
 
@@ -295,6 +299,7 @@ def test_an_editor_on_a_prefiltered_codebook():
     unrelated prompts stay as they were, and the same edits give the same answers as exact retrieval."""
     pytest.importorskip("faiss")
     from horen_fast import Codebook
+    from horen_fast.prefilter import PrefilterConfig
 
     tok = tm.tokenizer("left")
     model = tm.model("llama", seed=11)
@@ -303,7 +308,7 @@ def test_an_editor_on_a_prefiltered_codebook():
     probe = HoReNEditor(model, tok, cfg)
     d_key, d_value = probe.codebook.key_dim, probe.codebook.value_dim
     probe.detach()
-    cb = Codebook(d_key, d_value, prefilter="faiss", index="flat", candidates=2,
+    cb = Codebook(d_key, d_value, prefilter=PrefilterConfig(index="flat", candidates=2),
                   **cfg.retrieval_kwargs())
     ed = HoReNEditor(model, tok, cfg, codebook=cb)
     assert ed.codebook is cb and cb.prefilter.sketch is not None

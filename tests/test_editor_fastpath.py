@@ -81,7 +81,7 @@ def test_fast_edit_equals_straightforward_loop(arch, layer, mode, init):
     fast = ed.codebook.get_values(res.id)[0]
     assert fast.dtype == torch.float64
 
-    p_ids, t_ids = ed._encode(PROMPT, TARGET)
+    p_ids, t_ids = ed.encode(PROMPT, TARGET)
     ids = torch.tensor([p_ids + t_ids])
     ref, ref_loss = straightforward_edit(reference_model, ed.layer_path, ids, len(p_ids), start,
                                          n_iter=12, lr=lr, mode=mode)
@@ -99,7 +99,7 @@ def test_fast_edit_equals_straightforward_loop(arch, layer, mode, init):
         torch.testing.assert_close(start, captured["y"], rtol=0, atol=1e-12)
 
 
-def test_fast_edit_without_prefix_cache_equals_loop(monkeypatch):
+def test_fast_edit_without_prefix_cache_equals_loop():
     """The fallback (no croppable KV cache: the whole sequence each iteration) is also exact."""
     tok = tm.tokenizer()
     model = tm.model("llama", dtype=torch.float64, seed=2)
@@ -107,9 +107,9 @@ def test_fast_edit_without_prefix_cache_equals_loop(monkeypatch):
     ed0 = HoReNEditor(copy.deepcopy(model), tok, HoReNConfig(layer=1, n_iter=0))
     start = ed0.codebook.get_values(ed0.edit(PROMPT, TARGET).id)[0]
     ed = HoReNEditor(model, tok, HoReNConfig(layer=1, n_iter=8, edit_lr=0.5))
-    monkeypatch.setattr(ed, "_cache_layers", lambda cache, length: None)
+    ed.trainer.prefix_cache = False   # as for an architecture registered with prefix_cache=False
     res = ed.edit(PROMPT, TARGET)
-    p_ids, t_ids = ed._encode(PROMPT, TARGET)
+    p_ids, t_ids = ed.encode(PROMPT, TARGET)
     ref, _ = straightforward_edit(reference_model, ed.layer_path, torch.tensor([p_ids + t_ids]),
                                   len(p_ids), start, n_iter=8, lr=0.5)
     fast = ed.codebook.get_values(res.id)[0]
@@ -172,30 +172,37 @@ def test_batched_paths_without_head_split_or_prefix_cache(monkeypatch):
     one = HoReNEditor(copy.deepcopy(model), tok, cfg)
     expected = [one.edit(p, t) for p, t in RECORDS]
     ed = HoReNEditor(model, tok, cfg)
-    ed._head = None
+    ed.trainer.head = None            # as for an architecture registered with plain_head=False
     calls = []
-    real = ed._cache_layers
-    monkeypatch.setattr(ed, "_cache_layers", lambda cache, n: calls.append(n) or (real(cache, n) if len(calls) % 2 else None))
+    real = ed.trainer.prepare
+
+    def prepare(encoded, config):     # every other first pass without a usable prefix cache
+        calls.append(len(encoded))
+        ed.trainer.prefix_cache = len(calls) % 2 == 1
+        return real(encoded, config)
+    monkeypatch.setattr(ed.trainer, "prepare", prepare)
     got = ed.edit_many(RECORDS, progress=False, batch_size=2)
-    assert len(calls) == 4
+    assert calls == [2, 2, 2, 1]
     assert [(r.id, r.action) for r in got] == [(r.id, r.action) for r in expected]
     torch.testing.assert_close(ed.codebook.values, one.codebook.values, rtol=1e-8, atol=1e-10)
 
 
-def test_one_batch_mixing_prefix_and_whole_sequence_rows(monkeypatch):
+def test_one_batch_mixing_prefix_and_whole_sequence_rows():
     tok = tm.tokenizer()
     model = tm.model("llama", dtype=torch.float64, seed=6)
     cfg = HoReNConfig(layer=2, n_iter=6, hopfield_key_match_threshold=0.999)
     one = HoReNEditor(copy.deepcopy(model), tok, cfg)
-    expected = [one.edit(p, t) for p, t in RECORDS[:3]]
+    for p, t in RECORDS[:3]:
+        one.edit(p, t)
     ed = HoReNEditor(model, tok, cfg)
-    with ed._editing():
-        jobs = ed._prepare(RECORDS[:2])
-        monkeypatch.setattr(ed, "_cache_layers", lambda cache, n: None)
-        jobs += ed._prepare(RECORDS[2:3])
+    tr, cb = ed.trainer, ed.codebook
+    with tr.frozen():
+        jobs = tr.prepare([ed.encode(p, t) for p, t in RECORDS[:2]], cfg)
+        tr.prefix_cache = False
+        jobs += tr.prepare([ed.encode(*RECORDS[2])], cfg)
         assert [job.prefix is None for job in jobs] == [False, False, True]
         for job in jobs:
-            assert ed._decide(job, set())
-        ed._train(jobs)
-    assert [job.result.id for job in jobs] == [r.id for r in expected]
-    torch.testing.assert_close(ed.codebook.values, one.codebook.values, rtol=1e-8, atol=1e-10)
+            job.entry = tr.initial_entry(cfg, job.ids.tolist(), job.y_p, cb.value_dim, cb.dtype)
+        tr.train(jobs, cfg)
+    torch.testing.assert_close(torch.stack([job.entry for job in jobs]), one.codebook.values,
+                               rtol=1e-8, atol=1e-10)

@@ -9,7 +9,8 @@ from horen_fast.cli import main
 from horen_fast.config import HoReNConfig
 from horen_fast.data import EditRecord, RecordsError, read_records
 from horen_fast.editor import HoReNEditor
-from horen_fast.evaluate import generate_tokens, run_sequential
+from horen_fast.evaluate import default_checkpoints, run_sequential
+from horen_fast.metrics import generate_tokens
 from tiny_lm import RECORDS, byte_bpe_tokenizer, save_tiny_model, tiny_llama, write_records
 
 
@@ -120,6 +121,63 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     for key in ("edit_seconds", "eval_seconds", "seconds_per_edit", "model_load_seconds"):
         assert report["timings"][key] >= 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["status"] == "complete" and report["started"] <= report["finished"]
+    assert report["command"].startswith("horen-fast eval --data ") and "--checkpoints 1,2,10" in report["command"]
+    assert report["threshold_source"] == f"hopfield_key_match_threshold in {cfg}"
+    failed = [r for r in report["records"] if min(r["rel"], r["gen"], r["loc"]) < 1]
+    for i, rec in enumerate(report["records"]):
+        assert ("retrieved" in rec) == (rec in failed)
+        if "retrieved" in rec:
+            own = rec["retrieved"]["prompt"]          # an edit prompt's query is its own key
+            assert own["entry"] == rec["edit_id"] and own["record"] == i and own["matched"]
+            assert own["cosine"] == pytest.approx(1.0, abs=1e-5)
+            for kind in ("rephrase", "loc_prompt"):
+                got = rec["retrieved"][kind]
+                assert got["matched"] == (got["cosine"] > 0.9) and -1 <= got["cosine"] <= 1 + 1e-6
+
+
+def test_default_checkpoints_are_geometric():
+    assert default_checkpoints(1) == [1]
+    assert default_checkpoints(4) == [1, 2, 4]
+    assert default_checkpoints(100) == [1, 2, 5, 10, 20, 50, 100]
+    assert default_checkpoints(1200)[-4:] == [200, 500, 1000, 1200]
+
+
+def test_eval_twice_to_the_same_out_keeps_both(tmp_path, capsys):
+    folder = save_tiny_model(tmp_path / "tiny")
+    data = write_records(tmp_path / "recs.jsonl")
+    out = tmp_path / "report.json"
+    args = ["eval", "--data", str(data), "--n", "2", "--model", str(folder), "--layer", "1", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    first = out.read_text()
+    assert [c["n"] for c in json.loads(first)["checkpoints"]] == [1, 2]       # geometric by default
+    capsys.readouterr()
+    assert main(args + ["--edit-batch", "2"]) == 0
+    err = capsys.readouterr().err
+    kept = [p for p in tmp_path.glob("report.*.json")]
+    assert len(kept) == 1 and kept[0].read_text() == first
+    assert f"{out} exists; the earlier one is kept as {kept[0]}" in err
+    second = json.loads(out.read_text())
+    assert second["edit_batch"] == 2
+    for rec in second["records"]:               # batched: the batch's time, not a per-record one
+        assert "edit_seconds" not in rec and rec["edit_batch_seconds"] > 0 and rec["edit_batch_size"] == 2
+    for rec in json.loads(first)["records"]:
+        assert rec["edit_seconds"] > 0 and "edit_batch_seconds" not in rec
+
+
+def test_one_edit_at_a_time_times_each_record(tmp_path):
+    """edit_batch 1: each record's edit_seconds is the wall time of its own edit."""
+    tok = byte_bpe_tokenizer()
+    ed = HoReNEditor(tiny_llama(len(tok), eos_token_id=tok.eos_token_id), tok, HoReNConfig(layer=1, n_iter=2))
+    records = [EditRecord(r["src"], r["alt"], r["rephrase"], r["loc"], r["loc_ans"]) for r in RECORDS]
+    seen = []
+    body = run_sequential(ed, records, [2], progress=False, on_checkpoint=lambda b: seen.append(b))
+    assert [b["checkpoints"][-1]["n"] for b in seen] == [2, 4] and body is seen[-1]
+    assert len(seen[0]["records"]) == 2 and len(body["records"]) == 4
+    seconds = [r["edit_seconds"] for r in body["records"]]
+    assert all(s > 0 for s in seconds)
+    assert sum(seconds) <= body["timings"]["edit_seconds"] + 1e-6
 
 
 def test_eval_command_reports_bad_data(tmp_path, capsys):

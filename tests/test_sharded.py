@@ -62,11 +62,7 @@ def _cases(world: int, tmp: str) -> None:
         dist.all_reduce(idx, op=dist.ReduceOp.MAX)
         assert torch.equal(idx, a.index)
 
-    # ties: two equal keys on different ranks -> the lowest id wins
-    k = torch.nn.functional.normalize(torch.randn(1, 8, generator=torch.Generator().manual_seed(3)), dim=1)
-    tie = ShardedCodebook(8, 2, steps=0, backend="torch")
-    tie.add(torch.cat([torch.randn(1, 8), k, k]), torch.zeros(3, 2))
-    assert tie.retrieve(k).index.tolist() == [1]
+    _ties(world, rank)
 
     # save and load with a manifest
     path = os.path.join(tmp, "sharded")
@@ -107,6 +103,41 @@ def _cases(world: int, tmp: str) -> None:
     with pytest.raises(HoReNFileError, match=f"saved with {world + 1} ranks"):
         ShardedCodebook.load(path)
     dist.barrier()
+
+
+def _ties(world: int, rank: int) -> None:
+    """THE tie rule: the first key in storage order; for a ShardedCodebook the lowest rank, then
+    the lowest position in it. A Codebook holding the shards' keys in that order (rank 0's, then
+    rank 1's...) and every backend available here pick the same entry."""
+    from horen_fast import Codebook, available_backends
+    from horen_fast.sharded import ShardedCodebook
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=1)
+    other = torch.randn(4, 8, generator=g)
+    # ids 0..7 go to ranks round-robin; copies of k[0] at ids 1 and 2, of k[1] at 4 and 6. After
+    # removing id 0, rank 0 holds [6, 2, 4] (2 ranks) or [6, 3] (3 ranks): the first copy in
+    # storage order is not the lowest id (2 ranks: 2 and 6; 3 ranks: 1 and 6)
+    keys = torch.cat([other[:1], k[:1], k[:1], other[1:2], k[1:], other[2:3], k[1:], other[3:]])
+    for steps in (0, 1, 2):
+        tie = ShardedCodebook(8, 2, steps=steps, backend="torch")
+        tie.add(keys, torch.arange(16.0).reshape(8, 2))
+        tie.remove([0])  # a removal moves a rank's last entry into the hole: storage order changes
+        got = tie.retrieve(k * 3.0)
+        parts = [None] * world
+        dist.all_gather_object(parts, (tie.local.keys.clone(), tie.local.ids))
+        order_keys = torch.cat([p[0] for p in parts])
+        order_ids = [i for p in parts for i in p[1]]
+        first = []
+        for row in range(2):  # the first copy of k[row] in storage order
+            same = [j for j, key in enumerate(order_keys) if torch.allclose(key, k[row], atol=1e-6)]
+            first.append(order_ids[same[0]])
+        assert got.index.tolist() == first == ([2, 6] if world == 2 else [1, 6]), (steps, got, order_ids)
+        for backend in available_backends("cpu"):
+            single = Codebook(8, 2, steps=steps, backend=backend)
+            single.add(order_keys, torch.zeros(len(order_ids), 2))
+            res = single.retrieve(k * 3.0)
+            assert [order_ids[i] for i in res.index.tolist()] == first, (backend, steps)
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:

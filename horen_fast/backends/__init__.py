@@ -1,1 +1,2 @@
-"""Retrieval backends. Each module registers itself with horen_fast.retrieval.register_backend."""
+"""Retrieval backends: each module registers its implementation of the op "retrieve" with
+horen_fast.dispatch (torch_ref: "torch", cpp: "cpp", triton: "triton")."""

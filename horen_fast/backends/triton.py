@@ -1,76 +1,85 @@
-"""The fused Triton kernels (kernels/, installed as horen_fast.kernels), for CUDA tensors, or CPU
-tensors under TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests).
+"""The fused Triton kernels (kernels/, installed as horen_fast.kernels) as the "retrieve"
+implementation "triton" of horen_fast.dispatch: CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests).
 
-float64 inputs are computed by the torch reference inside this backend: the kernels work in
-float32 (half-precision keys are widened to float32 as they are loaded).
+The kernels compute in float32 with float32, bfloat16 or float16 keys; a float64 call is refused
+with a reason (no silent hand-off to another backend). Queries are normalized by
+horen_fast.hopfield.normalize_queries (scaled, so any finite non-zero row normalizes correctly)
+before the kernels; the match follows the one tie rule (``best_match``: lowest position).
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-from ..retrieval import RetrievalParams, RetrievalResult, compute_dtype, register_backend
-from .torch_ref import normalize_queries, retrieve_torch
+from .. import dispatch
+from ..hopfield import RetrievalResult, best_match, normalize_queries, select_match
 
-_kernels = None
+try:  # kernels/ is installed as horen_fast.kernels (setup.py package_dir; editable installs too)
+    from .. import kernels as _kernels_pkg  # noqa: F401
+    from ..kernels import hopfield as kernels
+    from ..kernels import plan as planner
+    IMPORT_ERROR = None
+except ImportError as exc:  # triton missing, or horen_fast installed without its kernels
+    kernels = planner = None
+    IMPORT_ERROR = exc
 
-
-def _load_kernels():
-    """horen_fast.kernels.hopfield, also when running from a source tree that is not installed
-    (there the kernels live in <repo>/kernels, which setup.py maps to horen_fast.kernels)."""
-    global _kernels
-    if _kernels is None:
-        try:
-            pkg = importlib.import_module("horen_fast.kernels")
-        except ModuleNotFoundError as exc:
-            if exc.name != "horen_fast.kernels":
-                raise
-            kdir = Path(__file__).resolve().parents[2] / "kernels"
-            spec = importlib.util.spec_from_file_location(
-                "horen_fast.kernels", kdir / "__init__.py", submodule_search_locations=[str(kdir)])
-            if spec is None or not (kdir / "hopfield.py").exists():
-                raise
-            pkg = importlib.util.module_from_spec(spec)
-            sys.modules["horen_fast.kernels"] = pkg
-            spec.loader.exec_module(pkg)
-        _kernels = importlib.import_module("horen_fast.kernels.hopfield")
-    return _kernels
+KEY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def is_available(device) -> bool:
-    device = torch.device(device)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not (device.type == "cuda" or (device.type == "cpu" and interpret)):
-        return False
+def reasons(queries: torch.Tensor, keys: torch.Tensor, params=None) -> list[str]:
+    """Why the Triton kernels cannot serve this call ([] = they can)."""
+    why = []
     if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        kernels = _load_kernels()
-    except ImportError:
-        return False
-    # the kernels were compiled for one mode when first imported; CPU tensors need the interpreter
-    return device.type == "cuda" or kernels.INTERPRETED
+        why.append("triton is not installed (pip install triton)")
+    elif kernels is None:
+        why.append(f"the Triton kernels failed to import ({IMPORT_ERROR}); reinstall horen_fast "
+                   f"(pip install -e .) so that kernels/ is installed as horen_fast.kernels")
+    dev = queries.device
+    if dev.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            why.append("tensors are on the CPU and TRITON_INTERPRET=1 is not set (Triton needs CUDA "
+                       "tensors, or its interpreter for CPU tensors)")
+        elif kernels is not None and not kernels.INTERPRETED:
+            why.append("TRITON_INTERPRET=1 was set after the kernels were imported; set it before "
+                       "importing horen_fast")
+    elif dev.type != "cuda":
+        why.append(f"tensors are on {dev}; the Triton kernels need CUDA tensors")
+    elif kernels is not None and kernels.INTERPRETED:
+        why.append("the kernels were imported under TRITON_INTERPRET=1 and cannot run on CUDA tensors")
+    for name, t in (("queries", queries), ("keys", keys)):
+        if t.dtype == torch.float64:
+            why.append(f"{name} are float64; the Triton kernels compute in float32 (use "
+                       f"backend='torch' or 'cpp' for float64, or convert with .float())")
+    if keys.dtype not in KEY_DTYPES + (torch.float64,):
+        why.append(f"keys are {keys.dtype}; the Triton kernels take float32, bfloat16 or float16 keys")
+    if keys.dim() == 2 and keys.shape[0] > 2**24:
+        why.append(f"{keys.shape[0]} keys; the Triton kernels are planned for at most 16M keys (2^24)")
+    if queries.dim() == 2 and queries.shape[0] > 1024:
+        why.append(f"batch of {queries.shape[0]} queries; the Triton kernels serve B <= 1024 per call "
+                   f"(split the batch)")
+    return why
 
 
-def retrieve_triton(queries: torch.Tensor, keys: torch.Tensor, params: RetrievalParams,
-                    config=None) -> RetrievalResult:
-    if compute_dtype(queries, keys) == torch.float64:
-        return retrieve_torch(queries, keys, params)  # the kernels are float32-only
-    kernels = _load_kernels()
-    if keys.dtype not in kernels.KEY_DTYPES:
-        keys = keys.float()
+def final_cosines(queries: torch.Tensor, keys: torch.Tensor, params, plan=None, counts=None):
+    """(c [B, N], valid [B]): the kernels' final-cosine matrix (exact float32 where a key can be
+    the row's match, -inf elsewhere) for queries of any norm."""
+    q, valid = normalize_queries(queries, torch.float32)
     if keys.stride(1) != 1:
         keys = keys.contiguous()
-    q, valid = normalize_queries(queries, torch.float32)
-    index, score, matched = kernels.retrieve_fused(
-        q, valid, keys, beta=params.beta, alpha=params.alpha, steps=params.steps,
-        threshold=params.threshold, eps=params.eps, config=config)
-    return RetrievalResult(index=index, score=score, matched=matched)
+    c = kernels.final_cosines(q, valid, keys, beta=params.beta, alpha=params.alpha, steps=params.steps,
+                              threshold=params.threshold, eps=params.eps, plan=plan, counts=counts)
+    return c, valid
 
 
-register_backend("triton", is_available, retrieve_triton)
+def retrieve_triton(queries: torch.Tensor, keys: torch.Tensor, params, plan=None, counts=None) -> RetrievalResult:
+    """SPEC 3 retrieval on the fused kernels. ``plan`` (horen_fast.kernels.plan.plan(...)) forces
+    tile sizes; ``counts`` (int64 [4], zeroed) collects the key elements the kernels load."""
+    c, valid = final_cosines(queries, keys, params, plan, counts)
+    best, index = best_match(c)
+    return select_match(best, index, valid, params.threshold)
+
+
+dispatch.register("retrieve", "triton", reasons, retrieve_triton, priority=20, devices=("cuda",))

@@ -1,0 +1,100 @@
+// Instruction sets of the CPU kernels: detection (cpuid via __builtin_cpu_supports) and the
+// compiler switches that compile a region of code for one of them. The choice itself is made in
+// Python (horen_fast/native.py reads HOREN_FAST_CPU_ISA) and handed to every entry point by name;
+// nothing in C++ reads the environment.
+#pragma once
+
+#include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define HOREN_X86 1
+#else
+#define HOREN_X86 0
+#endif
+
+#if defined(__GNUC__)
+#define HOREN_INLINE inline __attribute__((always_inline))
+#else
+#define HOREN_INLINE inline
+#endif
+
+#if HOREN_X86
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags _mm512_undefined_* inside its own headers (a known false positive)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+// single functions for one instruction set (the sketch passes, the exp polynomial); a function
+// compiled for a subset of a region's targets inlines into that region (the retrieval kernel)
+#define HOREN_AVX2_FN __attribute__((target("avx2,fma")))
+#define HOREN_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+#define HOREN_AVX512BF16_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx512bf16")))
+
+// regions of code compiled for one instruction set (the retrieval kernel's inner loops)
+
+#if defined(__clang__)
+#define HOREN_TARGET_PUSH_AVX2 _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c\"))), apply_to = function)")
+#define HOREN_TARGET_PUSH_AVX512 _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c\"))), apply_to = function)")
+#define HOREN_TARGET_POP _Pragma("clang attribute pop")
+#else
+#define HOREN_TARGET_PUSH_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
+#define HOREN_TARGET_PUSH_AVX512 _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c\")")
+#define HOREN_TARGET_POP _Pragma("GCC pop_options")
+#endif
+#endif  // HOREN_X86
+
+namespace horen {
+
+enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
+
+inline bool isa_supported(Isa isa) {
+#if HOREN_X86 && defined(__GNUC__)
+    __builtin_cpu_init();
+    switch (isa) {
+        case Isa::scalar: return true;
+        case Isa::avx2:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        case Isa::avx512:
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return false;
+#else
+    return isa == Isa::scalar;
+#endif
+}
+
+// bfloat16 dot products (AVX512_BF16), used by the sketch passes on top of Isa::avx512
+inline bool cpu_has_avx512bf16() {
+#if HOREN_X86 && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
+inline Isa best_isa() {
+    if (isa_supported(Isa::avx512)) return Isa::avx512;
+    if (isa_supported(Isa::avx2)) return Isa::avx2;
+    return Isa::scalar;
+}
+
+inline const char* isa_name(Isa isa) {
+    return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "scalar";
+}
+
+// "auto" | "avx512" | "avx2" | "scalar" -> Isa; false for any other name
+inline bool parse_isa(const std::string& name, Isa* out) {
+    if (name == "auto") *out = best_isa();
+    else if (name == "avx512") *out = Isa::avx512;
+    else if (name == "avx2") *out = Isa::avx2;
+    else if (name == "scalar") *out = Isa::scalar;
+    else return false;
+    return true;
+}
+
+}  // namespace horen

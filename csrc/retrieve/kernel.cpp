@@ -1,0 +1,876 @@
+// The fused HoReN retrieval kernel for CPUs (SPEC section 3), built into horen_fast._C; the
+// binding that checks its arguments is csrc/bindings/retrieve_module.cpp.
+//
+// One call runs the whole retrieval for a batch of B queries against N keys:
+//   * each damped Hopfield step reads the keys ONCE for all active queries: tiles of keys sized to
+//     stay in L2 (csrc/common/machine.h) are scored (q . k), folded into per-query online-softmax
+//     statistics (running max and the running weighted key sum, rescaled when the max grows),
+//     split over N across OpenMP threads and combined at the end (flash-decoding style);
+//   * the stop rule ||r - q|| < eps is checked per row; a stopped row keeps q and its cosines of
+//     that pass are its final cosines;
+//   * the final scores of rows that took every step are NOT recomputed with a second full pass:
+//     the cosines of the last pass bound the final cosines (the bound of horen_fast/hopfield.py,
+//     final_bound, where it is derived), so only keys whose upper bound exceeds the threshold are
+//     rescored exactly, in descending bound order, until the next bound falls below the best exact
+//     score. Ties follow the one tie rule of horen_fast/hopfield.py (the lowest index).
+//
+// The inner loops exist three times, for AVX-512, AVX2+FMA and portable scalar code, picked by the
+// caller (horen_fast/native.py). They are written once, in the second half of this file, which
+// includes itself once per instruction set inside a `#pragma GCC target` region (the same trick as
+// Highway's foreach_target). Keys may be float32, bfloat16, float16 or float64; half types are
+// widened to float32 in registers. Compute is float32, or float64 when the caller asks.
+
+#ifndef HOREN_KERNEL_BODY
+// =================================================================================================
+// Part 1: shared types and scalar helpers
+// =================================================================================================
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../common/bf16.h"
+#include "../common/exp_poly.h"
+#include "../common/isa.h"
+#include "../common/machine.h"
+#include "../common/threads.h"
+#include "retrieve.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace horen {
+// The inner loops of one instruction set, for compute type F and key type KT.
+template <class F, class KT>
+struct KernelSet {
+    // out[b * os + j] = Q[b] . K[j]   for j < nj, b < nb (rows of Q contiguous with stride qs),
+    // and nrm[j] = ||K[j]||^2 unless nrm is null
+    void (*dot)(const KT* K, int64_t ks, int nj, const F* Q, int64_t qs, int nb, int64_t d, F* out,
+                int64_t os, F* nrm);
+    // acc[b] += sum_j Wt[b * ws + j] K[j]
+    // (and, on the way, prefetches the next tile of pfn keys at pf into the cache)
+    void (*axpy)(const KT* K, int64_t ks, int nj, const F* Wt, int64_t ws, int nb, int64_t d, F* acc,
+                 int64_t as, const KT* pf, int pfn);
+    // w[j] = exp(beta * s[j] - m)
+    void (*weights)(const F* s, int n, F beta, F m, F* w);
+    // x[i] *= c
+    void (*scale)(F* x, int64_t n, F c);
+    // bfloat16 keys are widened two at a time: the 32-bit lane i of a block of P = paired_block
+    // key elements holds elements 2i and 2i+1, which become lane i of two vectors (a shift and a
+    // mask). The query and the weighted sum are then kept in the matching order: within each whole
+    // block of P elements, the P/2 even elements first, then the P/2 odd ones; the tail (d mod P)
+    // stays in natural order. 0 means natural order everywhere.
+    int paired_block;
+};
+
+// natural order -> paired order (see KernelSet::paired_block), and back
+template <class F> static void to_paired(const F* src, F* dst, int64_t d, int P) {
+    int64_t c = 0;
+    if (P > 0)
+        for (; c + P <= d; c += P)
+            for (int i = 0; i < P / 2; ++i) {
+                dst[c + i] = src[c + 2 * i];
+                dst[c + P / 2 + i] = src[c + 2 * i + 1];
+            }
+    for (; c < d; ++c) dst[c] = src[c];
+}
+template <class F> static void from_paired(const F* src, F* dst, int64_t d, int P) {
+    int64_t c = 0;
+    if (P > 0)
+        for (; c + P <= d; c += P)
+            for (int i = 0; i < P / 2; ++i) {
+                dst[c + 2 * i] = src[c + i];
+                dst[c + 2 * i + 1] = src[c + P / 2 + i];
+            }
+    for (; c < d; ++c) dst[c] = src[c];
+}
+
+}  // namespace horen
+
+// =================================================================================================
+// Part 2: the inner loops, once per instruction set
+// =================================================================================================
+
+// ---- portable scalar code (also the only path off x86) ----
+namespace horen { namespace isa_scalar {
+template <class FT>
+struct Ops {
+    using F = FT;
+    using V = FT;
+    static constexpr int W = 1;
+    static constexpr bool HAS_EXP = false;
+    static HOREN_INLINE V exp(V x) { return std::exp(x); }
+    static HOREN_INLINE V zero() { return V(0); }
+    static HOREN_INLINE V set1(F x) { return x; }
+    static HOREN_INLINE V load(const F* p) { return *p; }
+    static HOREN_INLINE V loadt(const F* p, int) { return *p; }
+    template <class KT> static HOREN_INLINE V lk(const KT* p) { return static_cast<F>(to_float(*p)); }
+    static HOREN_INLINE V lk(const double* p) { return static_cast<F>(*p); }
+    template <class KT> static HOREN_INLINE V lkt(const KT* p, int) { return lk(p); }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        lo = static_cast<F>(bf16_to_float(p[0].bits));
+        hi = static_cast<F>(bf16_to_float(p[1].bits));
+    }
+    static HOREN_INLINE V fma(V a, V b, V c) { return a * b + c; }
+    static HOREN_INLINE V mul(V a, V b) { return a * b; }
+    static HOREN_INLINE void store(F* p, V v) { *p = v; }
+    static HOREN_INLINE void storet(F* p, V v, int) { *p = v; }
+    static HOREN_INLINE F hsum(V v) { return v; }
+};
+using OpsF = Ops<float>;
+using OpsD = Ops<double>;
+constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 4, AXPY_CB = 1;
+#define HOREN_KERNEL_BODY 1
+#include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
+#undef HOREN_KERNEL_BODY
+}}  // namespace horen::isa_scalar
+
+#if HOREN_X86
+// ---- AVX2 + FMA + F16C ----
+HOREN_TARGET_PUSH_AVX2
+namespace horen { namespace isa_avx2 {
+static HOREN_INLINE __m256i mask32(int n) {  // first n of 8 lanes set
+    alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
+}
+static HOREN_INLINE __m256i mask64(int n) {  // first n of 4 lanes set
+    alignas(32) static const int64_t m[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 4 - n));
+}
+static HOREN_INLINE __m128i mask32x4(int n) {
+    alignas(16) static const int32_t m[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + 4 - n));
+}
+static HOREN_INLINE __m256 widen_bf16x8(__m128i x) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+template <class T> static HOREN_INLINE __m128i tail16(const T* p, int n) {
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tmp, p, sizeof(uint16_t) * n);
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+}
+struct OpsF {
+    using F = float;
+    using V = __m256;
+    static constexpr int W = 8;
+    static constexpr bool HAS_EXP = true;
+    static HOREN_INLINE V exp(V x) { return horen_exp::exp8(x); }  // csrc/common/exp_poly.h
+    static HOREN_INLINE V zero() { return _mm256_setzero_ps(); }
+    static HOREN_INLINE V set1(F x) { return _mm256_set1_ps(x); }
+    static HOREN_INLINE V load(const F* p) { return _mm256_loadu_ps(p); }
+    static HOREN_INLINE V loadt(const F* p, int n) { return _mm256_maskload_ps(p, mask32(n)); }
+    static HOREN_INLINE V lk(const float* p) { return _mm256_loadu_ps(p); }
+    static HOREN_INLINE V lkt(const float* p, int n) { return _mm256_maskload_ps(p, mask32(n)); }
+    static HOREN_INLINE V lk(const bf16_t* p) {
+        return widen_bf16x8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+    static HOREN_INLINE V lkt(const bf16_t* p, int n) { return widen_bf16x8(tail16(p, n)); }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        lo = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+        hi = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+    }
+    static HOREN_INLINE V lk(const f16_t* p) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+    static HOREN_INLINE V lkt(const f16_t* p, int n) { return _mm256_cvtph_ps(tail16(p, n)); }
+    static HOREN_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static HOREN_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static HOREN_INLINE void store(F* p, V v) { _mm256_storeu_ps(p, v); }
+    static HOREN_INLINE void storet(F* p, V v, int n) { _mm256_maskstore_ps(p, mask32(n), v); }
+    static HOREN_INLINE F hsum(V v) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        return _mm_cvtss_f32(s);
+    }
+};
+struct OpsD {
+    using F = double;
+    using V = __m256d;
+    static constexpr int W = 4;
+    static constexpr bool HAS_EXP = false;
+    static HOREN_INLINE V exp(V x) { return x; }  // unused
+    static HOREN_INLINE V zero() { return _mm256_setzero_pd(); }
+    static HOREN_INLINE V set1(F x) { return _mm256_set1_pd(x); }
+    static HOREN_INLINE V load(const F* p) { return _mm256_loadu_pd(p); }
+    static HOREN_INLINE V loadt(const F* p, int n) { return _mm256_maskload_pd(p, mask64(n)); }
+    static HOREN_INLINE V lk(const double* p) { return _mm256_loadu_pd(p); }
+    static HOREN_INLINE V lkt(const double* p, int n) { return _mm256_maskload_pd(p, mask64(n)); }
+    static HOREN_INLINE V lk(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+    static HOREN_INLINE V lkt(const float* p, int n) { return _mm256_cvtps_pd(_mm_maskload_ps(p, mask32x4(n))); }
+    static HOREN_INLINE V lk(const bf16_t* p) {
+        __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+        return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(x), 16)));
+    }
+    static HOREN_INLINE V lkt(const bf16_t* p, int n) {
+        return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(tail16(p, n)), 16)));
+    }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        lo = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(x, 16)));
+        hi = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_and_si128(x, _mm_set1_epi32(static_cast<int>(0xffff0000u)))));
+    }
+    static HOREN_INLINE V lk(const f16_t* p) {
+        return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    }
+    static HOREN_INLINE V lkt(const f16_t* p, int n) { return _mm256_cvtps_pd(_mm_cvtph_ps(tail16(p, n))); }
+    static HOREN_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+    static HOREN_INLINE V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+    static HOREN_INLINE void store(F* p, V v) { _mm256_storeu_pd(p, v); }
+    static HOREN_INLINE void storet(F* p, V v, int n) { _mm256_maskstore_pd(p, mask64(n), v); }
+    static HOREN_INLINE F hsum(V v) {
+        __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+        return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+    }
+};
+constexpr int DOT_JB = 4, DOT_BB = 2, AXPY_J = 4, AXPY_CB = 2;
+#define HOREN_KERNEL_BODY 1
+#include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
+#undef HOREN_KERNEL_BODY
+}}  // namespace horen::isa_avx2
+HOREN_TARGET_POP
+
+// ---- AVX-512 (F, BW, VL, DQ) ----
+HOREN_TARGET_PUSH_AVX512
+namespace horen { namespace isa_avx512 {
+static HOREN_INLINE __m512 widen_bf16x16(__m256i x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+struct OpsF {
+    using F = float;
+    using V = __m512;
+    static constexpr int W = 16;
+    static constexpr bool HAS_EXP = true;
+    static HOREN_INLINE V exp(V x) { return horen_exp::exp16(x); }  // csrc/common/exp_poly.h
+    static HOREN_INLINE __mmask16 m(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+    static HOREN_INLINE V zero() { return _mm512_setzero_ps(); }
+    static HOREN_INLINE V set1(F x) { return _mm512_set1_ps(x); }
+    static HOREN_INLINE V load(const F* p) { return _mm512_loadu_ps(p); }
+    static HOREN_INLINE V loadt(const F* p, int n) { return _mm512_maskz_loadu_ps(m(n), p); }
+    static HOREN_INLINE V lk(const float* p) { return _mm512_loadu_ps(p); }
+    static HOREN_INLINE V lkt(const float* p, int n) { return _mm512_maskz_loadu_ps(m(n), p); }
+    static HOREN_INLINE V lk(const bf16_t* p) {
+        return widen_bf16x16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+    static HOREN_INLINE V lkt(const bf16_t* p, int n) { return widen_bf16x16(_mm256_maskz_loadu_epi16(m(n), p)); }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        __m512i x = _mm512_loadu_si512(p);
+        lo = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        hi = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    }
+    static HOREN_INLINE V lk(const f16_t* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+    static HOREN_INLINE V lkt(const f16_t* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m(n), p)); }
+    static HOREN_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static HOREN_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static HOREN_INLINE void store(F* p, V v) { _mm512_storeu_ps(p, v); }
+    static HOREN_INLINE void storet(F* p, V v, int n) { _mm512_mask_storeu_ps(p, m(n), v); }
+    static HOREN_INLINE F hsum(V v) { return _mm512_reduce_add_ps(v); }
+};
+struct OpsD {
+    using F = double;
+    using V = __m512d;
+    static constexpr int W = 8;
+    static constexpr bool HAS_EXP = false;
+    static HOREN_INLINE V exp(V x) { return x; }  // unused
+    static HOREN_INLINE __mmask8 m(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
+    static HOREN_INLINE V zero() { return _mm512_setzero_pd(); }
+    static HOREN_INLINE V set1(F x) { return _mm512_set1_pd(x); }
+    static HOREN_INLINE V load(const F* p) { return _mm512_loadu_pd(p); }
+    static HOREN_INLINE V loadt(const F* p, int n) { return _mm512_maskz_loadu_pd(m(n), p); }
+    static HOREN_INLINE V lk(const double* p) { return _mm512_loadu_pd(p); }
+    static HOREN_INLINE V lkt(const double* p, int n) { return _mm512_maskz_loadu_pd(m(n), p); }
+    static HOREN_INLINE V lk(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+    static HOREN_INLINE V lkt(const float* p, int n) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m(n), p)); }
+    static HOREN_INLINE __m256 w8(__m128i x) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+    }
+    static HOREN_INLINE V lk(const bf16_t* p) {
+        return _mm512_cvtps_pd(w8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    }
+    static HOREN_INLINE V lkt(const bf16_t* p, int n) { return _mm512_cvtps_pd(w8(_mm_maskz_loadu_epi16(m(n), p))); }
+    static HOREN_INLINE void lk2(const bf16_t* p, V& lo, V& hi) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        lo = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+        hi = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xffff0000u)))));
+    }
+    static HOREN_INLINE V lk(const f16_t* p) {
+        return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    }
+    static HOREN_INLINE V lkt(const f16_t* p, int n) {
+        return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(m(n), p)));
+    }
+    static HOREN_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+    static HOREN_INLINE V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+    static HOREN_INLINE void store(F* p, V v) { _mm512_storeu_pd(p, v); }
+    static HOREN_INLINE void storet(F* p, V v, int n) { _mm512_mask_storeu_pd(p, m(n), v); }
+    static HOREN_INLINE F hsum(V v) { return _mm512_reduce_add_pd(v); }
+};
+constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 8, AXPY_CB = 2;
+#define HOREN_KERNEL_BODY 1
+#include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
+#undef HOREN_KERNEL_BODY
+}}  // namespace horen::isa_avx512
+HOREN_TARGET_POP
+#endif  // HOREN_X86
+
+// =================================================================================================
+// Part 3: the driver (instruction-set independent) and the dispatch over key and compute types
+// =================================================================================================
+namespace horen {
+
+template <class F, class KT>
+static KernelSet<F, KT> kernels_for(Isa isa) {
+#if HOREN_X86
+    if (isa == Isa::avx512) return isa_avx512::make_kernels<F, KT>();
+    if (isa == Isa::avx2) return isa_avx2::make_kernels<F, KT>();
+#endif
+    (void)isa;
+    return isa_scalar::make_kernels<F, KT>();
+}
+
+template <class T> static inline double sq_sum(const T* x, int64_t n) {
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+    return s;
+}
+
+template <class F, class KT>
+class Driver {
+public:
+    Driver(const Problem& p, const KernelSet<F, KT>& ks) : p_(p), ks_(ks) {
+        const int64_t key_bytes = std::max<int64_t>(1, p.d * static_cast<int64_t>(sizeof(KT)));
+        int64_t t = machine().l2_bytes / key_bytes;   // a tile of keys stays in L2 between its two uses
+        t = std::max<int64_t>(8, std::min<int64_t>(256, t));
+        tile_ = static_cast<int>(t - t % 8);    // whole register blocks of the dot and axpy loops
+    }
+
+    void run() {
+        const int64_t B = p_.B, d = p_.d;
+        const F* qin = static_cast<const F*>(p_.q);
+        F* score = static_cast<F*>(p_.out_score);
+        q_.assign(B * d, F(0));
+        std::vector<int64_t> rows;
+        for (int64_t b = 0; b < B; ++b) {
+            p_.out_index[b] = -1;
+            score[b] = std::numeric_limits<F>::quiet_NaN();
+            p_.out_matched[b] = false;
+            const F* x = qin + b * d;
+            bool finite = true;
+            for (int64_t i = 0; i < d && finite; ++i) finite = std::isfinite(static_cast<double>(x[i]));
+            if (!finite) continue;
+            double nrm = std::sqrt(sq_sum(x, d));
+            if (!(nrm > 0) || !std::isfinite(nrm)) continue;
+            for (int64_t i = 0; i < d; ++i) q_[b * d + i] = static_cast<F>(x[i] / nrm);
+            rows.push_back(b);
+        }
+        // Bound the scratch memory (scores [G, N] and per-thread sums [threads, G, d]) by
+        // processing the queries in groups; each group reads the keys once per step.
+        const int nt = threads_for(static_cast<int64_t>(rows.size()));
+        const int64_t per_row = p_.N + static_cast<int64_t>(nt + 1) * d + tile_;
+        const int64_t budget = int64_t(1) << 26;  // elements
+        const int64_t G = std::max<int64_t>(1, std::min<int64_t>(256, budget / per_row));
+        for (size_t g0 = 0; g0 < rows.size(); g0 += G) {
+            size_t g1 = std::min(rows.size(), g0 + static_cast<size_t>(G));
+            run_group(std::vector<int64_t>(rows.begin() + g0, rows.begin() + g1));
+        }
+    }
+
+private:
+    struct BoundRow {
+        int64_t b;        // query row
+        int64_t a;        // its row in the scores of the last pass
+        double c1, c2, inv_nrm;
+    };
+
+    const Problem& p_;
+    KernelSet<F, KT> ks_;
+    int tile_;
+    std::vector<F> q_;        // current unit queries [B, d]
+    std::vector<F> S_;        // cosines of the current pass [Ba, N]
+    std::vector<F> acc_;      // combined weighted key sums [Ba, d]
+    std::vector<F> accT_;     // per-thread sums [threads, Ba, d]
+    std::vector<F> mT_;       // per-thread running max [threads, Ba]
+    std::vector<F> wT_;       // per-thread softmax weights of a tile [threads, Ba, tile]
+    std::vector<F> norms_;    // squared key norms [N] (last pass only)
+
+    const KT* key(int64_t i) const { return static_cast<const KT*>(p_.k) + i * p_.ks; }
+
+    int threads_for(int64_t rows) const {
+        // a thread only for enough multiply-adds (csrc/common/threads.h), and at least 4 keys each
+        const int64_t work = 2 * p_.N * p_.d * std::max<int64_t>(1, rows);
+        return threads_for_work(work, p_.nthreads, p_.N / 4);
+    }
+
+    void run_group(std::vector<int64_t> active) {
+        const int64_t d = p_.d;
+        const F alpha = static_cast<F>(p_.alpha);
+        const int64_t passes = std::max<int64_t>(p_.steps, 1);
+        std::vector<F> Qa, r(d), v(d), nat(d);
+        for (int64_t t = 0; t < passes && !active.empty(); ++t) {
+            const bool softmax = p_.steps > 0;
+            const bool last = t == passes - 1;
+            const int64_t Ba = static_cast<int64_t>(active.size());
+            Qa.resize(Ba * d);
+            for (int64_t a = 0; a < Ba; ++a)
+                to_paired(&q_[active[a] * d], &Qa[a * d], d, ks_.paired_block);
+            pass(Qa.data(), Ba, softmax, softmax && last);
+            std::vector<int64_t> next;
+            std::vector<BoundRow> bound_rows;
+            std::vector<int64_t> exact_rows;   // index into active: final cosines are S_ rows
+            for (int64_t a = 0; a < Ba; ++a) {
+                const int64_t b = active[a];
+                if (!softmax) { exact_rows.push_back(a); continue; }
+                from_paired(&acc_[a * d], nat.data(), d, ks_.paired_block);
+                const F* acc = nat.data();
+                const F* q = &q_[b * d];   // natural order; overwritten below only after its last use
+                double rn = std::sqrt(sq_sum(acc, d));
+                if (!(rn > 0) || !std::isfinite(rn)) { exact_rows.push_back(a); continue; }  // q stays
+                double dist2 = 0, rho = 0;
+                for (int64_t i = 0; i < d; ++i) {
+                    r[i] = static_cast<F>(acc[i] / rn);
+                    double diff = static_cast<double>(r[i]) - q[i];
+                    dist2 += diff * diff;
+                    rho += static_cast<double>(r[i]) * q[i];
+                }
+                if (!(std::sqrt(dist2) >= p_.eps)) { exact_rows.push_back(a); continue; }  // stop rule
+                double vn2 = 0, perp2 = 0;
+                for (int64_t i = 0; i < d; ++i) {
+                    v[i] = (1 - alpha) * q[i] + alpha * r[i];
+                    vn2 += static_cast<double>(v[i]) * v[i];
+                    double rp = static_cast<double>(r[i]) - rho * q[i];
+                    perp2 += rp * rp;
+                }
+                double vn = std::sqrt(vn2);
+                F* qdst = &q_[b * d];
+                if (!(vn > 1e-30)) {  // (1-a) q + a r vanished: q_M = 0, every final cosine is 0
+                    std::fill(qdst, qdst + d, F(0));
+                    if (last) finish(b, 0, 0.0);
+                    else next.push_back(b);
+                    continue;
+                }
+                for (int64_t i = 0; i < d; ++i) qdst[i] = static_cast<F>(v[i] / vn);
+                if (!last) { next.push_back(b); continue; }
+                const double a_ = p_.alpha;
+                bound_rows.push_back({b, a, (1 - a_) + a_ * rho, a_ * std::sqrt(perp2), 1.0 / vn});
+            }
+            finish_rows(active, exact_rows, bound_rows);
+            active.swap(next);
+        }
+    }
+
+    // One read of the keys for the Ba queries in Qa: cosines into S_, and, with softmax, the
+    // softmax-weighted key sums into acc_ (relative to a common per-row max; their scale does not
+    // matter since r = normalize(acc)).
+    void pass(const F* Qa, int64_t Ba, bool softmax, bool want_norms) {
+        const int64_t N = p_.N, d = p_.d;
+        const int nt = threads_for(Ba);
+        const int T = tile_;
+        S_.resize(Ba * N);
+        if (want_norms) norms_.resize(N);
+        if (softmax) {
+            acc_.assign(Ba * d, F(0));
+            accT_.resize(static_cast<size_t>(nt) * Ba * d);
+            mT_.assign(static_cast<size_t>(nt) * Ba, -std::numeric_limits<F>::infinity());
+            wT_.resize(static_cast<size_t>(nt) * Ba * T);
+        }
+        // contiguous key ranges per thread, multiples of 4 keys
+        int64_t chunk = (N + nt - 1) / nt;
+        chunk = (chunk + 3) / 4 * 4;
+        const F beta = static_cast<F>(p_.beta);
+        // w = exp(beta s - m) with m at most MARGIN below the row's max: no overflow, fewer rescales
+        const F margin = F(8);
+#pragma omp parallel num_threads(nt)
+        {
+#ifdef _OPENMP
+            const int tid = omp_get_thread_num();
+#else
+            const int tid = 0;
+#endif
+            const int64_t n0 = std::min<int64_t>(N, tid * chunk), n1 = std::min<int64_t>(N, n0 + chunk);
+            F* accT = softmax ? &accT_[static_cast<size_t>(tid) * Ba * d] : nullptr;
+            F* m = softmax ? &mT_[static_cast<size_t>(tid) * Ba] : nullptr;
+            F* w = softmax ? &wT_[static_cast<size_t>(tid) * Ba * T] : nullptr;
+            if (softmax) std::fill(accT, accT + Ba * d, F(0));
+            for (int64_t j0 = n0; j0 < n1; j0 += T) {
+                const int nj = static_cast<int>(std::min<int64_t>(T, n1 - j0));
+                const KT* kp = key(j0);
+                ks_.dot(kp, p_.ks, nj, Qa, d, static_cast<int>(Ba), d, &S_[j0], N,
+                        want_norms ? &norms_[j0] : nullptr);
+                if (!softmax) continue;
+                for (int64_t a = 0; a < Ba; ++a) {
+                    const F* s = &S_[a * N + j0];
+                    F tmax = -std::numeric_limits<F>::infinity();
+                    for (int j = 0; j < nj; ++j) tmax = std::max(tmax, beta * s[j]);
+                    if (tmax > m[a] + margin || (m[a] == -std::numeric_limits<F>::infinity() && tmax > m[a])) {
+                        if (m[a] != -std::numeric_limits<F>::infinity())
+                            ks_.scale(accT + a * d, d, static_cast<F>(std::exp(m[a] - tmax)));
+                        m[a] = tmax;
+                    }
+                    ks_.weights(s, nj, beta, m[a], w + a * T);
+                }
+                const int64_t pfn = std::min<int64_t>(T, n1 - (j0 + T));
+                ks_.axpy(kp, p_.ks, nj, w, T, static_cast<int>(Ba), d, accT, d,
+                         pfn > 0 ? key(j0 + T) : nullptr, static_cast<int>(std::max<int64_t>(0, pfn)));
+            }
+        }
+        if (!softmax) return;
+        // Combine the per-thread sums after the join (one synchronization per pass; the sums are
+        // small next to the keys). Fixed thread order: the result depends only on the thread count.
+        for (int64_t a = 0; a < Ba; ++a) {
+            F M = -std::numeric_limits<F>::infinity();
+            for (int u = 0; u < nt; ++u) M = std::max(M, mT_[static_cast<size_t>(u) * Ba + a]);
+            F* dst = &acc_[a * d];
+            for (int u = 0; u < nt; ++u) {
+                F mu = mT_[static_cast<size_t>(u) * Ba + a];
+                if (!(mu > -std::numeric_limits<F>::infinity())) continue;
+                F f = static_cast<F>(std::exp(mu - M));
+                const F* src = &accT_[(static_cast<size_t>(u) * Ba + a) * d];
+                for (int64_t c = 0; c < d; ++c) dst[c] += f * src[c];
+            }
+        }
+    }
+
+    void finish(int64_t b, int64_t idx, double c) {
+        if (c > p_.threshold) {
+            p_.out_index[b] = idx;
+            static_cast<F*>(p_.out_score)[b] = static_cast<F>(c);
+            p_.out_matched[b] = true;
+        }
+    }
+
+    void finish_rows(const std::vector<int64_t>& active, const std::vector<int64_t>& exact_rows,
+                     const std::vector<BoundRow>& bound_rows) {
+        const int64_t N = p_.N;
+        const int64_t ne = static_cast<int64_t>(exact_rows.size());
+        const int64_t nb = static_cast<int64_t>(bound_rows.size());
+        // threads only when the rows' work (about N each, more for long candidate walks) is large
+        const int64_t rows_work = (ne + nb) * N;
+        const int nt = rows_work < (1 << 20) ? 1 : std::max(1, std::min<int>(p_.nthreads, static_cast<int>(ne + nb)));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+        for (int64_t i = 0; i < ne + nb; ++i) {
+            if (i < ne) {
+                const int64_t a = exact_rows[i];
+                const F* s = &S_[a * N];
+                int64_t best = 0;
+                F bs = s[0];
+                for (int64_t j = 1; j < N; ++j)
+                    if (s[j] > bs || (bs != bs && s[j] == s[j])) { bs = s[j]; best = j; }
+                finish(active[a], best, bs);
+            } else {
+                bound_score(bound_rows[i - ne]);
+            }
+        }
+    }
+
+    // Final scoring of a row that took every step, from the bound on its final cosines.
+    void bound_score(const BoundRow& br) {
+        const int64_t N = p_.N, d = p_.d;
+        const F* s = &S_[br.a * N];
+        const double thr = p_.threshold;
+        const double unit = std::is_same<F, float>::value ? 5.96e-8 : 1.12e-16;
+        const double rel = unit * (4.0 * std::sqrt(static_cast<double>(d)) + 8.0);  // dot error / |k|
+        const double slack = std::is_same<F, float>::value ? 2e-6 : 1e-12;
+        const double c1 = br.c1, c2 = br.c2, inv = br.inv_nrm, ac1 = std::fabs(c1);
+        struct Cand { double ub; int64_t i; };
+        std::vector<Cand> cand;
+        for (int64_t i = 0; i < N; ++i) {
+            const double si = s[i];
+            const double kn = std::sqrt(std::max(0.0, static_cast<double>(norms_[i]))) * (1 + rel);
+            const double delta = rel * kn + slack;
+            // |r.k - rho s| <= sigma |k_perp| <= sigma |k|   (cheap test first)
+            double ub = (c1 * si + ac1 * delta + c2 * kn) * inv + slack * (1 + kn);
+            if (!(ub > thr) && si == si) continue;
+            const double sa = std::max(0.0, std::fabs(si) - delta);
+            const double perp = std::sqrt(std::max(0.0, kn * kn - sa * sa));
+            ub = (c1 * si + ac1 * delta + c2 * perp) * inv + slack * (1 + kn);
+            if (ub > thr || si != si) cand.push_back({si == si ? ub : std::numeric_limits<double>::infinity(), i});
+        }
+        if (cand.empty()) return;  // every final cosine is <= threshold: no match, no re-read
+        auto later = [](const Cand& x, const Cand& y) { return x.ub < y.ub || (x.ub == y.ub && x.i > y.i); };
+        std::make_heap(cand.begin(), cand.end(), later);
+        std::vector<F> qp(d);
+        to_paired(&q_[br.b * d], qp.data(), d, ks_.paired_block);
+        const F* q = qp.data();
+        double best = -std::numeric_limits<double>::infinity();
+        int64_t best_i = -1;
+        while (!cand.empty()) {
+            const Cand top = cand.front();
+            if (top.ub < best) break;
+            std::pop_heap(cand.begin(), cand.end(), later);
+            cand.pop_back();
+            F c;
+            ks_.dot(key(top.i), p_.ks, 1, q, d, 1, d, &c, 1, nullptr);
+            const double cd = c;
+            if (cd > best || (cd == best && top.i < best_i)) { best = cd; best_i = top.i; }
+        }
+        if (best_i >= 0) finish(br.b, best_i, best);
+    }
+};
+
+template <class F, class KT>
+static void run_typed(const Problem& p, Isa isa) {
+    KernelSet<F, KT> ks = kernels_for<F, KT>(isa);
+    Driver<F, KT>(p, ks).run();
+}
+
+void retrieve(const Problem& p, KeyType key_type, bool f64, Isa isa) {
+    if (f64) {
+        switch (key_type) {
+            case K_F32: return run_typed<double, float>(p, isa);
+            case K_F64: return run_typed<double, double>(p, isa);
+            case K_BF16: return run_typed<double, bf16_t>(p, isa);
+            case K_F16: return run_typed<double, f16_t>(p, isa);
+        }
+    } else {
+        switch (key_type) {
+            case K_F32: return run_typed<float, float>(p, isa);
+            case K_BF16: return run_typed<float, bf16_t>(p, isa);
+            case K_F16: return run_typed<float, f16_t>(p, isa);
+            case K_F64: throw std::invalid_argument("float64 keys need float64 compute");
+        }
+    }
+    throw std::invalid_argument("unknown key dtype code " + std::to_string(static_cast<int>(key_type)));
+}
+
+}  // namespace horen
+
+#else  // HOREN_KERNEL_BODY
+// =================================================================================================
+// The inner loops, written once against an instruction set's OpsF / OpsD (see Part 2).
+// =================================================================================================
+
+template <class F> struct OpsOf;
+template <> struct OpsOf<float> { using type = OpsF; };
+template <> struct OpsOf<double> { using type = OpsD; };
+
+// Scores of JB keys against BB queries, accumulated over d in registers.
+// With NORM, also the squared norms of the JB keys into nrm[j].
+template <class O, class KT, int JB, int BB, bool NORM>
+static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t qs, int64_t d,
+                       typename O::F* out, int64_t os, typename O::F* nrm) {
+    using V = typename O::V;
+    constexpr int W = O::W;
+    V acc[JB][BB];
+    V nacc[JB];
+#pragma GCC unroll 16
+    for (int j = 0; j < JB; ++j) {
+        nacc[j] = O::zero();
+#pragma GCC unroll 16
+        for (int b = 0; b < BB; ++b) acc[j][b] = O::zero();
+    }
+    int64_t c = 0;
+    if constexpr (std::is_same<KT, bf16_t>::value) {  // pairs layout, see paired_block
+        for (; c + 2 * W <= d; c += 2 * W) {
+            V lo[JB], hi[JB], qlo[BB], qhi[BB];
+#pragma GCC unroll 16
+            for (int j = 0; j < JB; ++j) O::lk2(K + j * ks + c, lo[j], hi[j]);
+#pragma GCC unroll 16
+            for (int b = 0; b < BB; ++b) {
+                qlo[b] = O::load(Q + b * qs + c);
+                qhi[b] = O::load(Q + b * qs + c + W);
+            }
+#pragma GCC unroll 16
+            for (int j = 0; j < JB; ++j) {
+#pragma GCC unroll 16
+                for (int b = 0; b < BB; ++b) acc[j][b] = O::fma(hi[j], qhi[b], O::fma(lo[j], qlo[b], acc[j][b]));
+                if (NORM) nacc[j] = O::fma(hi[j], hi[j], O::fma(lo[j], lo[j], nacc[j]));
+            }
+        }
+    }
+    for (; c + W <= d; c += W) {
+        V kv[JB], qv[BB];
+#pragma GCC unroll 16
+        for (int j = 0; j < JB; ++j) kv[j] = O::lk(K + j * ks + c);
+#pragma GCC unroll 16
+        for (int b = 0; b < BB; ++b) qv[b] = O::load(Q + b * qs + c);
+#pragma GCC unroll 16
+        for (int j = 0; j < JB; ++j) {
+#pragma GCC unroll 16
+            for (int b = 0; b < BB; ++b) acc[j][b] = O::fma(kv[j], qv[b], acc[j][b]);
+            if (NORM) nacc[j] = O::fma(kv[j], kv[j], nacc[j]);
+        }
+    }
+    if (c < d) {
+        const int n = static_cast<int>(d - c);
+        V kv[JB], qv[BB];
+#pragma GCC unroll 16
+        for (int j = 0; j < JB; ++j) kv[j] = O::lkt(K + j * ks + c, n);
+#pragma GCC unroll 16
+        for (int b = 0; b < BB; ++b) qv[b] = O::loadt(Q + b * qs + c, n);
+#pragma GCC unroll 16
+        for (int j = 0; j < JB; ++j) {
+#pragma GCC unroll 16
+            for (int b = 0; b < BB; ++b) acc[j][b] = O::fma(kv[j], qv[b], acc[j][b]);
+            if (NORM) nacc[j] = O::fma(kv[j], kv[j], nacc[j]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < JB; ++j)
+#pragma GCC unroll 16
+        for (int b = 0; b < BB; ++b) out[b * os + j] = O::hsum(acc[j][b]);
+    if (NORM)
+#pragma GCC unroll 16
+        for (int j = 0; j < JB; ++j) nrm[j] = O::hsum(nacc[j]);
+}
+
+template <class O, class KT, int BB, bool NORM>
+static HOREN_INLINE void dot_rows(const KT* K, int64_t ks, int nj, const typename O::F* Q, int64_t qs,
+                                  int64_t d, typename O::F* out, int64_t os, typename O::F* nrm) {
+    int j = 0;
+    for (; j + DOT_JB <= nj; j += DOT_JB)
+        dot_kernel<O, KT, DOT_JB, BB, NORM>(K + j * ks, ks, Q, qs, d, out + j, os, NORM ? nrm + j : nullptr);
+    for (; j < nj; ++j)
+        dot_kernel<O, KT, 1, BB, NORM>(K + j * ks, ks, Q, qs, d, out + j, os, NORM ? nrm + j : nullptr);
+}
+
+template <class F, class KT>
+static void dot_block(const KT* K, int64_t ks, int nj, const F* Q, int64_t qs, int nb, int64_t d, F* out,
+                      int64_t os, F* nrm) {
+    using O = typename OpsOf<F>::type;
+    int b = 0;
+    if (nrm != nullptr) {  // the first block of rows also computes the key norms
+        if (nb >= DOT_BB) {
+            dot_rows<O, KT, DOT_BB, true>(K, ks, nj, Q, qs, d, out, os, nrm);
+            b = DOT_BB;
+        } else {
+            dot_rows<O, KT, 1, true>(K, ks, nj, Q, qs, d, out, os, nrm);
+            b = 1;
+        }
+    }
+    for (; b + DOT_BB <= nb; b += DOT_BB) dot_rows<O, KT, DOT_BB, false>(K, ks, nj, Q + b * qs, qs, d, out + b * os, os, nullptr);
+    for (; b < nb; ++b) dot_rows<O, KT, 1, false>(K, ks, nj, Q + b * qs, qs, d, out + b * os, os, nullptr);
+}
+
+// acc[b] += sum_j w[b, j] K[j] for J keys: a chunk of the J keys is loaded into registers once
+// and applied to every query row.
+// Prefetch (into L2) the `bytes` at element c of the first n of J keys of the next tile.
+template <int J, class KT>
+static HOREN_INLINE void prefetch_lines(const KT* pf, int64_t ks, int n, int64_t c, int bytes) {
+    // Pays off for 16-bit keys; for wider keys the extra misses slow the loop more than they save.
+    if (sizeof(KT) != 2 || pf == nullptr) return;
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j)
+        if (j < n)
+            for (int off = 0; off < bytes; off += 64)
+                __builtin_prefetch(reinterpret_cast<const char*>(pf + j * ks + c) + off, 0, 2);
+}
+
+template <class O, class KT, int J>
+static void axpy_kernel(const KT* K, int64_t ks, const typename O::F* Wt, int64_t ws, int nb, int64_t d,
+                        typename O::F* acc, int64_t as, const KT* pf, int pfn) {
+    using V = typename O::V;
+    constexpr int W = O::W;
+    constexpr int CB = AXPY_CB;
+    int64_t c = 0;
+    if constexpr (std::is_same<KT, bf16_t>::value) {  // pairs layout, see paired_block
+        for (; c + 2 * W <= d; c += 2 * W) {
+            V lo[J], hi[J];
+#pragma GCC unroll 16
+            for (int j = 0; j < J; ++j) O::lk2(K + j * ks + c, lo[j], hi[j]);
+            prefetch_lines<J>(pf, ks, pfn, c, 2 * W * static_cast<int>(sizeof(KT)));
+            for (int b = 0; b < nb; ++b) {
+                typename O::F* dst = acc + b * as + c;
+                V a0 = O::load(dst), a1 = O::load(dst + W);
+#pragma GCC unroll 16
+                for (int j = 0; j < J; ++j) {
+                    V wv = O::set1(Wt[b * ws + j]);
+                    a0 = O::fma(wv, lo[j], a0);
+                    a1 = O::fma(wv, hi[j], a1);
+                }
+                O::store(dst, a0);
+                O::store(dst + W, a1);
+            }
+        }
+    }
+    for (; c + CB * W <= d; c += CB * W) {
+        V kv[J][CB];
+#pragma GCC unroll 16
+        for (int j = 0; j < J; ++j)
+#pragma GCC unroll 4
+            for (int u = 0; u < CB; ++u) kv[j][u] = O::lk(K + j * ks + c + u * W);
+        prefetch_lines<J>(pf, ks, pfn, c, CB * W * static_cast<int>(sizeof(KT)));
+        for (int b = 0; b < nb; ++b) {
+            typename O::F* dst = acc + b * as + c;
+            V av[CB];
+#pragma GCC unroll 4
+            for (int u = 0; u < CB; ++u) av[u] = O::load(dst + u * W);
+#pragma GCC unroll 16
+            for (int j = 0; j < J; ++j) {
+                V wv = O::set1(Wt[b * ws + j]);
+#pragma GCC unroll 4
+                for (int u = 0; u < CB; ++u) av[u] = O::fma(wv, kv[j][u], av[u]);
+            }
+#pragma GCC unroll 4
+            for (int u = 0; u < CB; ++u) O::store(dst + u * W, av[u]);
+        }
+    }
+    for (; c < d; c += W) {
+        const int n = static_cast<int>(std::min<int64_t>(W, d - c));
+        V kv[J];
+#pragma GCC unroll 16
+        for (int j = 0; j < J; ++j) kv[j] = n == W ? O::lk(K + j * ks + c) : O::lkt(K + j * ks + c, n);
+        for (int b = 0; b < nb; ++b) {
+            typename O::F* dst = acc + b * as + c;
+            V av = n == W ? O::load(dst) : O::loadt(dst, n);
+#pragma GCC unroll 16
+            for (int j = 0; j < J; ++j) av = O::fma(O::set1(Wt[b * ws + j]), kv[j], av);
+            if (n == W) O::store(dst, av);
+            else O::storet(dst, av, n);
+        }
+    }
+}
+
+template <class F, class KT>
+static void axpy_block(const KT* K, int64_t ks, int nj, const F* Wt, int64_t ws, int nb, int64_t d, F* acc,
+                       int64_t as, const KT* pf, int pfn) {
+    using O = typename OpsOf<F>::type;
+    int j = 0;
+    for (; j + AXPY_J <= nj; j += AXPY_J)
+        axpy_kernel<O, KT, AXPY_J>(K + j * ks, ks, Wt + j, ws, nb, d, acc, as, pf ? pf + j * ks : nullptr,
+                                   std::max(0, std::min(AXPY_J, pfn - j)));
+    for (; j < nj; ++j)
+        axpy_kernel<O, KT, 1>(K + j * ks, ks, Wt + j, ws, nb, d, acc, as, pf ? pf + j * ks : nullptr,
+                              std::max(0, std::min(1, pfn - j)));
+}
+
+template <class F>
+static void weights_tile(const F* s, int n, F beta, F m, F* w) {
+    using O = typename OpsOf<F>::type;
+    int j = 0;
+    if constexpr (O::HAS_EXP) {
+        const typename O::V vb = O::set1(beta), vm = O::set1(-m);
+        for (; j + O::W <= n; j += O::W) O::store(w + j, O::exp(O::fma(vb, O::load(s + j), vm)));
+        if (j < n) {
+            O::storet(w + j, O::exp(O::fma(vb, O::loadt(s + j, n - j), vm)), n - j);
+            j = n;
+        }
+    }
+    for (; j < n; ++j) w[j] = std::exp(beta * s[j] - m);
+}
+
+template <class F>
+static void scale_vec(F* x, int64_t n, F c) {
+    for (int64_t i = 0; i < n; ++i) x[i] *= c;
+}
+
+template <class F, class KT>
+KernelSet<F, KT> make_kernels() {
+    KernelSet<F, KT> k;
+    k.dot = &dot_block<F, KT>;
+    k.axpy = &axpy_block<F, KT>;
+    k.weights = &weights_tile<F>;
+    k.scale = &scale_vec<F>;
+    k.paired_block = std::is_same<KT, bf16_t>::value ? 2 * OpsOf<F>::type::W : 0;
+    return k;
+}
+
+#endif  // HOREN_KERNEL_BODY

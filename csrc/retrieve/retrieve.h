@@ -1,0 +1,29 @@
+// The fused retrieval kernel's entry point (csrc/retrieve/kernel.cpp). It trusts its arguments:
+// csrc/bindings/retrieve_module.cpp checks them before calling it.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/isa.h"
+
+namespace horen {
+
+enum KeyType { K_F32 = 0, K_F64 = 1, K_BF16 = 2, K_F16 = 3 };
+
+struct Problem {
+    const void* q;        // [B, d] compute dtype, contiguous
+    const void* k;        // [N, d] key dtype, rows of stride ks elements, columns contiguous
+    int64_t B, N, d, ks;
+    double beta, alpha, threshold, eps;
+    int64_t steps;
+    int64_t* out_index;   // [B]
+    void* out_score;      // [B] compute dtype
+    bool* out_matched;    // [B]
+    int nthreads;
+};
+
+// Fills out_index / out_score / out_matched (SPEC 3). f64: compute in float64 (else float32; float64
+// keys need float64 compute). Releases nothing: call it without the GIL.
+void retrieve(const Problem& p, KeyType key_type, bool f64, Isa isa);
+
+}  // namespace horen

@@ -1,0 +1,195 @@
+"""The compiled CPU kernels, behind one checked boundary.
+
+This is the only module that imports the extensions built from csrc/ (setup.py):
+
+- ``horen_fast._C``: the fused retrieval kernel (csrc/retrieve), used by horen_fast/backends/cpp.py
+  as implementation "cpp" of the op "retrieve";
+- ``horen_fast._sketch``: the key sketch's passes and the rescue's exact rescoring (csrc/sketch),
+  registered here as implementation "cpp" of the ops "sketch_scan", "sketch_rescue" and
+  "pair_dots" (horen_fast/dispatch.py; the torch references live in horen_fast/sketch.py).
+
+Every entry point of the extensions takes torch tensors and checks their dtype, shape, strides,
+device and index ranges itself (csrc/common/tensor_args.h), raising TypeError / ValueError that
+name the argument; the reasons functions here say, before a call, why the C++ code cannot serve it
+(not built, not on the CPU, a dtype it has no kernel for, an instruction set this CPU lacks).
+
+``HOREN_FAST_CPU_ISA`` = ``auto`` (default) | ``avx512`` | ``avx2`` | ``scalar`` picks the
+instruction set of every native call; it is read here and nowhere else (at each call, so that
+tests and comparisons can switch it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import dispatch
+
+try:
+    from . import _C as _retrieve_ext  # type: ignore[attr-defined]
+except ImportError as exc:  # not built: the torch implementations serve every call
+    _retrieve_ext, _retrieve_missing = None, str(exc)
+else:
+    _retrieve_missing = ""
+try:
+    from . import _sketch as _sketch_ext  # type: ignore[attr-defined]
+except ImportError as exc:
+    _sketch_ext, _sketch_missing = None, str(exc)
+else:
+    _sketch_missing = ""
+
+__all__ = ["ISA_VARIABLE", "ISAS", "RETRIEVE_BUILT", "SKETCH_BUILT", "best_isa", "supported_isas",
+           "cpu_isa", "isa_reasons", "retrieve", "sketch_scan", "sketch_rescue", "pair_dots",
+           "sketch_reasons", "pair_dots_reasons"]
+
+ISA_VARIABLE = "HOREN_FAST_CPU_ISA"
+ISAS = ("auto", "avx512", "avx2", "scalar")
+RETRIEVE_BUILT = _retrieve_ext is not None
+SKETCH_BUILT = _sketch_ext is not None
+_BUILD_HINT = "build it with `pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`"
+
+
+# ---- instruction sets --------------------------------------------------------------------------
+def _any_ext():
+    return _retrieve_ext if _retrieve_ext is not None else _sketch_ext
+
+
+def best_isa() -> str:
+    """The fastest instruction set this CPU runs the kernels with ('scalar' when nothing is built)."""
+    ext = _any_ext()
+    return "scalar" if ext is None else ext.best_isa()
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets HOREN_FAST_CPU_ISA may force on this CPU, fastest first."""
+    ext = _any_ext()
+    return [isa for isa in ISAS[1:] if ext is not None and ext.isa_supported(isa)]
+
+
+def _requested() -> str:
+    return os.environ.get(ISA_VARIABLE, "auto").strip().lower() or "auto"
+
+
+def isa_reasons() -> list[str]:
+    """Why HOREN_FAST_CPU_ISA keeps the native kernels from running ([] when it does not)."""
+    isa = _requested()
+    if isa not in ISAS:
+        return [f"{ISA_VARIABLE}={isa!r} is not one of {', '.join(ISAS)}"]
+    if isa != "auto" and isa not in supported_isas():
+        return [f"{ISA_VARIABLE}={isa} but this CPU does not support it (best available: {best_isa()})"]
+    return []
+
+
+def cpu_isa() -> str:
+    """The instruction set the next native call uses: HOREN_FAST_CPU_ISA, or the best this CPU has.
+    Raises ValueError naming the variable when it asks for something this CPU cannot do."""
+    why = isa_reasons()
+    if why:
+        raise ValueError(why[0])
+    isa = _requested()
+    return best_isa() if isa == "auto" else isa
+
+
+def _built_reasons(ext, missing: str, what: str) -> list[str]:
+    if ext is not None:
+        return []
+    return [f"the C++ {what} extension is not built ({missing}); {_BUILD_HINT}"]
+
+
+def _cpu_reasons(**tensors) -> list[str]:
+    return [f"{name} is on {t.device}, the C++ kernels run on the CPU"
+            for name, t in tensors.items() if t.device.type != "cpu"]
+
+
+# ---- retrieval (horen_fast/backends/cpp.py) -----------------------------------------------------
+def retrieve_reasons(queries: torch.Tensor, keys: torch.Tensor) -> list[str]:
+    """Why the fused retrieval kernel cannot take these tensors ([] = it can)."""
+    return (_built_reasons(_retrieve_ext, _retrieve_missing, "retrieval (horen_fast._C)")
+            + _cpu_reasons(queries=queries, keys=keys) + isa_reasons())
+
+
+def retrieve(queries: torch.Tensor, keys: torch.Tensor, out_index: torch.Tensor, out_score: torch.Tensor,
+             out_matched: torch.Tensor, params) -> None:
+    """Run the fused kernel into the outputs. queries [B, d] float32/float64 contiguous (any norm;
+    normalized inside), keys [N, d] float32/bfloat16/float16 (or float64 with float64 queries) with
+    contiguous columns, out_index [B] int64, out_score [B] of the queries' dtype, out_matched [B]
+    bool; ``params`` carries beta, alpha, steps, threshold and eps."""
+    if _retrieve_ext is None:
+        raise RuntimeError(_built_reasons(None, _retrieve_missing, "retrieval (horen_fast._C)")[0])
+    _retrieve_ext.retrieve(queries, keys, out_index, out_score, out_matched, params.beta, params.alpha,
+                           params.steps, params.threshold, params.eps, cpu_isa(), torch.get_num_threads())
+
+
+# ---- the key sketch's passes (horen_fast/sketch.py) ----------------------------------------------
+def sketch_reasons(rows, parts) -> list[str]:
+    """Why the C++ sketch passes cannot take these rows and query parts ([] = they can)."""
+    why = _built_reasons(_sketch_ext, _sketch_missing, "sketch (horen_fast._sketch)")
+    why += _cpu_reasons(queries=parts.qc, rows=rows.coarse)
+    if parts.qc.dtype != torch.float32:
+        why.append(f"the queries are {parts.qc.dtype}; the C++ passes take float32")
+    if rows.coarse.dtype != torch.bfloat16:
+        why.append(f"the sketch rows are {rows.coarse.dtype}; the C++ passes read bfloat16 rows "
+                   f"(a fitted basis)")
+    return why + isa_reasons()
+
+
+def _sorted_exclusions(exclude: torch.Tensor, count: int) -> torch.Tensor:
+    """exclude [B, K] (-1 ignored) as the kernels read it: ascending per row, -1 -> count."""
+    exclude = exclude.long()
+    return torch.where(exclude >= 0, exclude, count).sort(dim=1).values.contiguous()
+
+
+def sketch_scan(rows, parts, beta: float, exclude: torch.Tensor, nearest: int):
+    """Implementation "cpp" of the op "sketch_scan" (the contract: horen_fast.sketch.scan_torch)."""
+    b, count, rt = parts.qc.shape[0], rows.coarse.shape[0], rows.tail_rank
+    cvar = (0.5 * beta * beta * rows.spread * parts.perp2_t).float().contiguous()
+    run_max, run_z, run_v = (torch.empty(b) for _ in range(3))
+    run_y = torch.empty(b, rt)
+    near = torch.empty(b, nearest, dtype=torch.long)
+    near_u = torch.empty(b, nearest)
+    _sketch_ext.scan(parts.qc, parts.qf, parts.perp2_c.sqrt().contiguous(), parts.perp2.sqrt().contiguous(), cvar,
+                     rows.coarse, rows.fine, rows.energy_t, rows.energy_c, rows.energy, rows.alive,
+                     _sorted_exclusions(exclude, count), rt, nearest, float(beta), float(rows.slack), cpu_isa(),
+                     torch.get_num_threads(), run_max, run_z, run_y, run_v, near, near_u)
+    return run_max, run_z, run_y, run_v, near, near_u
+
+
+def sketch_rescue(rows, parts, floor: torch.Tensor, exclude: torch.Tensor):
+    """Implementation "cpp" of the op "sketch_rescue" (the contract: horen_fast.sketch.rescue_torch)."""
+    rs = rows.screen_rank  # the first bound reads rs columns, then the coarse part, then all
+    perp_s = (parts.perp2_c + (parts.qc[:, rs:] ** 2).sum(1)).sqrt().contiguous()
+    found = _sketch_ext.rescue(parts.qc, parts.qf, perp_s, parts.perp2_c.sqrt().contiguous(),
+                               parts.perp2.sqrt().contiguous(), rows.coarse, rows.fine, rows.energy_s,
+                               rows.energy_c, rows.energy, rows.alive,
+                               _sorted_exclusions(exclude, rows.coarse.shape[0]), floor.float().contiguous(), rs,
+                               float(rows.slack), cpu_isa(), torch.get_num_threads())
+    return torch.from_numpy(found[0]), torch.from_numpy(found[1])
+
+
+# ---- exact rescoring of (query, key) pairs ----------------------------------------------------------
+def pair_dots_reasons(keys: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> list[str]:
+    """Why the C++ pair_dots cannot take these tensors ([] = it can)."""
+    why = _built_reasons(_sketch_ext, _sketch_missing, "sketch (horen_fast._sketch)")
+    why += _cpu_reasons(keys=keys, q=q, rows=rows, slots=slots)
+    why += [f"{name} is {t.dtype}; the C++ pair_dots takes float32"
+            for name, t in (("keys", keys), ("q", q)) if t.dtype != torch.float32]
+    if keys.dim() == 2 and keys.shape[1] > 1 and keys.stride(1) != 1:
+        why.append("the columns of keys are strided; the C++ pair_dots reads rows with contiguous columns")
+    return why + isa_reasons()
+
+
+def pair_dots(keys: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Implementation "cpp" of the op "pair_dots": q[rows[i]] . keys[slots[i]] in float32, reading
+    the keys in place (any row stride). Indices of any integer dtype; out of range: ValueError."""
+    out = torch.empty(rows.numel(), dtype=torch.float32)
+    _sketch_ext.pair_dots(keys, q.contiguous(), rows.long().contiguous(), slots.long().contiguous(), out, cpu_isa(),
+                          torch.get_num_threads())
+    return out
+
+
+_CPP = dict(priority=10, devices=("cpu",))
+dispatch.register("sketch_scan", "cpp", lambda rows, parts, beta, exclude, nearest: sketch_reasons(rows, parts),
+                  sketch_scan, **_CPP)
+dispatch.register("sketch_rescue", "cpp", lambda rows, parts, floor, exclude: sketch_reasons(rows, parts),
+                  sketch_rescue, **_CPP)
+dispatch.register("pair_dots", "cpp", pair_dots_reasons, pair_dots, **_CPP)
