@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(FIT_FILE))
     args = ap.parse_args(argv)
 
-    from horen_fast.models import default_layer, load_model
+    from horen_fast.arch import default_layer
+    from horen_fast.models import load_model
 
     t0 = time.time()
     model, tok = load_model("smollm2", progress=False)

@@ -186,12 +186,23 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true", help="a representative reduced grid (the CI test)")
     ap.add_argument("--targets", default="sm_80,sm_90,sm_100", help="comma-separated, e.g. sm_90")
     ap.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated key dtypes")
+    ap.add_argument("--batch", help="comma-separated B values instead of the grid's")
+    ap.add_argument("--keys", help="comma-separated N values instead of the grid's")
+    ap.add_argument("--width", help="comma-separated d values instead of the grid's")
     args = ap.parse_args(argv)
     dtypes = args.dtypes.split(",")
     for dt in dtypes:
         if dt not in DTYPES:
             ap.error(f"unknown dtype {dt!r}; choose from {', '.join(DTYPES)}")
-    shapes = (REDUCED_B, REDUCED_N, REDUCED_D) if args.reduced else (SHAPES_B, SHAPES_N, SHAPES_D)
+    shapes = list((REDUCED_B, REDUCED_N, REDUCED_D) if args.reduced else (SHAPES_B, SHAPES_N, SHAPES_D))
+    for i, (flag, value) in enumerate((("--batch", args.batch), ("--keys", args.keys), ("--width", args.width))):
+        if value:
+            try:
+                shapes[i] = tuple(int(v) for v in value.split(","))
+            except ValueError:
+                ap.error(f"{flag} takes comma-separated integers, got {value!r}")
+            if min(shapes[i]) < 1:
+                ap.error(f"{flag} values must be >= 1, got {value!r}")
     rows = run(args.targets.split(","), *shapes, dtypes, progress=True)
     table = markdown(rows)
     print(table)

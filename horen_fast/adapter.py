@@ -124,7 +124,7 @@ class HoReNAdapter(nn.Module):
         if not first:
             self._pass = ("decode",)
             return
-        if input_ids is not None and len(self.known_prompts):
+        if input_ids is not None and self._pinned is None and len(self.known_prompts):
             attention_mask = self.known_prompts.prompt_mask(input_ids, attention_mask)
         self._pass = ("first", attention_mask)
 

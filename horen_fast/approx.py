@@ -48,14 +48,7 @@ from .faiss_index import host_f32
 from .hopfield import best_match, combine_partials, damped_update, normalize_queries, select_match, \
     softmax_partials
 from .retrieval import RetrievalParams, RetrievalResult, compute_dtype
-
-try:
-    from .sketch import pair_dots
-except ImportError:  # TRANSITION: until sketch.py exports pair_dots (native engineer); delete then
-    def pair_dots(keys: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """q[rows[i]] . keys[slots[i]] for every i, in q's dtype (torch, bounded chunks)."""
-        return torch.cat([(keys[slots[i: i + 32768]].to(q.dtype) * q[rows[i: i + 32768]]).sum(1)
-                          for i in range(0, slots.numel(), 32768)] or [q.new_empty(0)])
+from .sketch import pair_dots
 
 __all__ = ["prefiltered_retrieve", "NEAR_KEYS_BELOW"]
 

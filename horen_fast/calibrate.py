@@ -21,7 +21,6 @@ analysis and for ``bench/sweep_defaults.py``.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -51,7 +50,7 @@ DEFAULT_TAUS = tuple(round(0.50 + 0.0025 * i, 4) for i in range(199))   # 0.50 .
 
 def recommended_config(model_name: str = "smollm2", model=None):
     """The HoReNConfig to start from: the recommended settings of a known model name (see
-    DEFAULTS), else the paper's settings at ``models.default_layer(model)``."""
+    DEFAULTS), else the paper's settings at ``arch.default_layer(model)``."""
     from .config import HoReNConfig
     key = str(model_name).lower()
     if key in ("smollm2-135m", "smollm2-135m-instruct"):

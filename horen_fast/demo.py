@@ -100,12 +100,17 @@ def run_demo(model_name: str = "smollm2", *, layer=None, threshold: float = DEMO
     from .cli import bad_input
     from .editor import HoReNEditor
     from .metrics import retrieved_entries
-    from .models import default_layer, load_model
+    from .arch import default_layer
+    from .models import load_model
 
     out = out or sys.stdout
     width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
 
     def say(s=""):
+        """Print one line, wrapped to the terminal's width (continuation lines indented)."""
+        if len(s) > width:
+            lead = len(s) - len(s.lstrip(" "))
+            s = textwrap.fill(s, width, subsequent_indent=" " * (lead + 4), break_on_hyphens=False)
         print(s, file=out, flush=True)
 
     t0 = time.perf_counter()

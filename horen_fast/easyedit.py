@@ -263,9 +263,9 @@ def apply_horen_to_model(model, tok, requests: list[dict], hparams, copy: bool =
     editor.edit_many(records, progress=False)
     inference.pin_generate(editor)
     prompts = [p for r in reqs for p in request_prompts(r)]
-    known = editor.adapter.known_prompts
-    known.add_texts(tok, prompts)
     chat = hparams.get("use_chat_template") if isinstance(hparams, dict) else getattr(hparams, "use_chat_template", None)
     if chat is True:
-        known.add_texts(tok, [_chat(tok, p) for p in prompts])
+        prompts += [_chat(tok, p) for p in prompts]
+    with editor.lock:
+        editor.adapter.known_prompts.add_texts(tok, prompts)
     return model, Restore(model, editor)

@@ -39,7 +39,7 @@ from torch import nn
 
 from . import inference, persist
 from .adapter import HoReNAdapter
-from .arch import get_module, layer_dims, layer_path, resolve_layer
+from .arch import get_module, layer_dims, layer_path, resolve_layer  # noqa: F401 (resolve_layer: re-exported)
 from .codebook import Codebook
 from .config import HoReNConfig
 from .edits import Changes, decide, encode, parse_record
@@ -194,12 +194,12 @@ class HoReNEditor:
         A record is a dict with "prompt" and "target" (or EasyEdit's "target_new"), or a
         (prompt, target) pair. Up to 4 * ``batch_size`` decided edits wait to be trained, grouped by
         length to limit padding. If anything raises, every change of this call is undone."""
-        self._check()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         from tqdm.auto import tqdm
         total = len(records) if hasattr(records, "__len__") else None
         with self.lock:
+            self._check()
             changes = Changes(self.codebook)
             bar = tqdm(total=total, disable=not progress, desc="HoReN edits", unit="edit")
             try:
@@ -257,8 +257,8 @@ class HoReNEditor:
 
     def forget(self, entry_id: int) -> None:
         """Remove an edit (its codebook entry); outputs return to what they were without it."""
-        self._check()
         with self.lock:
+            self._check()
             self.codebook.remove(int(entry_id))
 
     # ---- inference --------------------------------------------------------------------------
@@ -278,8 +278,8 @@ class HoReNEditor:
     def save(self, path) -> None:
         """Save the config and the edits to the directory ``path`` (created if needed) as one unit:
         a save interrupted at any point leaves the previous save loadable (``horen_fast.persist``)."""
-        self._check()
         with self.lock:
+            self._check()
             persist.save(path, dataclasses.replace(self.config, layer=self.layer_path), self.codebook)
 
     @classmethod

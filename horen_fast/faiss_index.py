@@ -105,6 +105,10 @@ class FaissIndex:
     def live_ids(self) -> list[int]:
         return list(self._label_of)
 
+    def labels_of(self, ids) -> list[int]:
+        """The index labels of live entry ids (KeyError for an id not indexed)."""
+        return [self._label_of[int(i)] for i in ids]
+
     def needs_rebuild(self, extra_dead_limit: int) -> bool:
         """Dead labels past the limit, or an IVF index due for (re)training."""
         limit = extra_dead_limit if self.on_gpu else self.config.rebuild_fraction * max(self._ntotal, 1)

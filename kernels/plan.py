@@ -216,8 +216,8 @@ def plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **overr
         final_block_d = min(128, d_pad)
     elif final_block_b >= 16:
         final_block_d = 16  # the exact rescoring's FMA dot holds a d chunk per thread
-    else:  # broadcast products of at most 64 values per thread
-        final_block_d = max(16, min(128, 8192 // (final_block_b * final_block_n)))
+    else:  # broadcast products of at most 32 values per thread
+        final_block_d = max(16, min(128, 4096 // (final_block_b * final_block_n)))
     p = Plan(path=path, B=B, N=N, D=D, key_bytes=ebytes, block_b=block_b, block_n=block_n,
              block_d=block_d, one_chunk=one_chunk, splits=splits, per_split=per,
              wsum_block_d=wsum_block_d, wsum_splits=wsplits, wsum_per_split=wper,

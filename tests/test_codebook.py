@@ -244,3 +244,34 @@ def test_save_killed_midway_leaves_previous_file_loadable(tmp_path):
     loaded = Codebook.load(path)
     assert len(loaded) in (7, 3000)  # the old file, or a complete new one: never a torn file
     assert loaded.key_dim in (16, 2048)
+
+
+def test_saved_files_follow_the_umask_and_killed_writers_leave_no_orphans(tmp_path):
+    """A save gets the mode open() would give (0o666 less the umask), not mkstemp's 0o600; the
+    temporary file a SIGKILLed writer left is removed by the next save of that file."""
+    import os
+
+    path = tmp_path / "cb.safetensors"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from horen_fast._files import atomic_path
+        with atomic_path({str(path)!r}) as tmp:
+            open(tmp, "wb").write(b"half a file")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    orphans = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(orphans) == 1 and not path.exists()
+    cb, _, _ = filled(n=5)
+    old = os.umask(0o027)
+    try:
+        cb.save(path)
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the orphan is gone
+    assert (path.stat().st_mode & 0o777) == 0o640
+    cb.save(path)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~old
+    assert len(Codebook.load(path)) == 5

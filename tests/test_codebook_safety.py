@@ -229,7 +229,6 @@ def test_crafted_files_are_checked_like_adds(tmp_path, change, message):
 def test_a_non_unit_key_never_reaches_a_backend(tmp_path):
     """The issue's case: a key re-signed with norm 100 in a file matched 506 of 1,000 random
     queries. Now the file is refused; the original file answers as the float64 oracle does."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from oracle import oracle_retrieve
 
     path = _saved(tmp_path, n=50, d=16)

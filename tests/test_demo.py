@@ -3,7 +3,6 @@ test_integration_smollm2.py)."""
 import io
 
 import pytest
-import torch
 
 from horen_fast.cli import main
 from horen_fast.demo import DEMO_FACTS, TEMPLATE, run_demo
@@ -39,3 +38,23 @@ def test_demo_figures(tiny_folder):
         assert entry == r.id and cos == pytest.approx(1.0, abs=1e-5)
     assert all(0 <= v <= n for v in res["ok"].values())
     assert TEMPLATE.format(question="x").startswith("Q: x")
+
+
+def test_demo_shows_whole_answers(tiny_folder):
+    """Every answer appears whole (wrapped over lines, never cut), before and after."""
+    buf = io.StringIO()
+    res = run_demo(str(tiny_folder), layer=1, n_iter=2, max_new_tokens=40, progress=False, out=buf)
+    text = buf.getvalue()
+    squeezed = "".join(text.split())          # wrapping only adds whitespace (and indentation)
+    long_answers = [a for a in res["before"] + res["after"] if len(" ".join(a.split())) > 60]
+    assert long_answers                                  # 40 tokens of a random model: long lines
+    for answer in res["before"] + res["after"]:
+        assert "".join(answer.split()) in squeezed, answer
+    assert max(len(line) for line in text.splitlines()) <= 120
+
+
+def test_busy_cores_is_a_current_measure():
+    from horen_fast.demo import _busy_cores
+    import os
+    busy = _busy_cores(0.1)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9

@@ -68,7 +68,7 @@ def test_restore_gives_back_the_original_model(lm):
         assert not torch.equal(model(input_ids=ids).logits, ref)
     restore()
     assert isinstance(model.model.layers[2].mlp.down_proj, torch.nn.Linear)
-    assert EDITOR_ATTR not in model.__dict__
+    assert EDITOR_ATTR not in model.__dict__ and "generate" not in model.__dict__
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, ref)
     # after restoring, a new call starts a fresh codebook
@@ -126,3 +126,51 @@ def test_other_hyper_parameters_on_an_edited_model_are_refused(lm):
     assert len(getattr(model, EDITOR_ATTR)) == 2
     with pytest.raises(ValueError, match="another configuration"):
         apply_horen_to_model(model, tok, REQUESTS[1:], {**HPARAMS, "hopfield_key_match_threshold": 0.5})
+
+
+# ---- shipped hyper-parameter files ----------------------------------------------------------------
+PUBLISHED_KEYS = {"inner_params", "n_iter", "edit_lr", "adapter_mode", "val_init", "normalize_codebook_keys",
+                  "query_selection_strategy", "hopfield_retrieval_alpha", "hopfield_retrieval_beta",
+                  "hopfield_retrieval_eps", "hopfield_retrieval_max_iter", "hopfield_key_match_threshold",
+                  "lora_rank", "lora_scale", "lora_edit_lr", "bf16", "max_length",
+                  "alg_name", "model_name", "device", "batch_size"}    # SPEC 7, plus EasyEdit's harness keys
+
+
+@pytest.mark.parametrize("name, layer, tau, bf16", [
+    ("llama-3.1-8b", 29, 0.85, True),
+    ("deepseek-r1-distill-qwen-1.5b", 27, 0.80, False),
+    ("smollm2-135m", 15, 0.735, False),
+])
+def test_shipped_hparams_files_hold_the_published_settings(name, layer, tau, bf16):
+    import warnings
+
+    import yaml
+    from horen_fast import hparams
+    from horen_fast.easyedit import HoReNHyperParams
+
+    path = hparams.path(name)
+    assert path.parent.name == "hparams" and path.parent.parent.name == "horen_fast"
+    keys = yaml.safe_load(path.read_text())
+    assert set(keys) <= PUBLISHED_KEYS and keys["alg_name"] == "HOREN"
+    cfg = HoReNConfig.from_yaml(path)
+    assert cfg.layer == f"model.layers.{layer}.mlp.down_proj"
+    assert (cfg.hopfield_key_match_threshold, cfg.bf16) == (tau, bf16)
+    assert (cfg.n_iter, cfg.edit_lr, cfg.val_init, cfg.adapter_mode) == (50, 1.0, "cold", "value")
+    assert cfg.query_selection_strategy == "last_60_perc_prompt_tokens_avg"
+    assert (cfg.hopfield_retrieval_alpha, cfg.hopfield_retrieval_beta, cfg.hopfield_retrieval_max_iter,
+            cfg.hopfield_retrieval_eps) == (0.1, 20.0, 1, 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # nothing in the files is unknown to HoReN
+        assert HoReNHyperParams.from_hparams(path).config == cfg
+    assert name in hparams.names()
+
+
+def test_hparams_path_names_and_errors():
+    from horen_fast import hparams
+
+    assert hparams.path("SmolLM2") == hparams.path("smollm2-135m")
+    assert hparams.path("llama3.1-8b") == hparams.path("llama-3.1-8b")
+    with pytest.raises(ValueError, match="llama-3.1-8b"):
+        hparams.path("gpt-j")
+    with pytest.raises(TypeError, match="model name"):
+        hparams.path(8)

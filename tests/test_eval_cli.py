@@ -153,7 +153,7 @@ def test_eval_twice_to_the_same_out_keeps_both(tmp_path, capsys):
     first = out.read_text()
     assert [c["n"] for c in json.loads(first)["checkpoints"]] == [1, 2]       # geometric by default
     capsys.readouterr()
-    assert main(args + ["--edit-batch", "2"]) == 0
+    assert main(args + ["--edit-batch", "2", "--checkpoints", "2"]) == 0
     err = capsys.readouterr().err
     kept = [p for p in tmp_path.glob("report.*.json")]
     assert len(kept) == 1 and kept[0].read_text() == first

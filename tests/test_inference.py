@@ -233,9 +233,7 @@ def test_a_detached_editor_leaves_a_plain_model_generate():
 
 
 def test_generate_and_score_hold_the_editor_lock(edited):
-    lock = getattr(edited, "lock", None)
-    if lock is None:
-        pytest.skip("HoReNEditor.lock is not there yet (the editor adds it)")
+    lock = edited.lock
     tok = edited.tokenizer
     enc = tok(["the capital of France is"], return_tensors="pt")
     done = []

