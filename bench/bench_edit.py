@@ -72,7 +72,7 @@ def parity(model, tokenizer, record: dict, layer: str, n_iter: int) -> dict:
     ed = HoReNEditor(ours_model, tokenizer, HoReNConfig(layer=layer, n_iter=n_iter))
     res = ed.edit(record["prompt"], record["target"])
     ours = ed.codebook.get_values(res.id)[0].float()
-    p_ids, t_ids = ed._encode(record["prompt"], record["target"])
+    p_ids, t_ids = ed.encode(record["prompt"], record["target"])
     init = ed._initial_entry(p_ids + t_ids, None).float()
 
     pub_model = copy.deepcopy(model)

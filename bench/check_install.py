@@ -86,7 +86,8 @@ print("quick start ok:", hf.__version__, backends, f"{len(hparams)} hparams file
 
 def step(title: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
     t0 = time.perf_counter()
-    print(f"== {title}: {' '.join(map(str, cmd))}", flush=True)
+    shown = [("<script>" if len(str(c)) > 120 else str(c)) for c in cmd]
+    print(f"== {title}: {' '.join(shown)}", flush=True)
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
     print(f"   {time.perf_counter() - t0:.0f}s, exit status {proc.returncode}", flush=True)
     if proc.returncode != 0:

@@ -21,9 +21,10 @@ What it runs and prints (JSON; ``--out`` writes it too):
    EasyEdit's own keys (evaluation_type, fp16, model_parallel) in the hyper-parameters;
 2. ``editor.edit(..., sequential_edit=True)``: EasyEdit's pre/post metrics (teacher-forced
    rewrite_acc, rephrase_acc, locality) as EasyEdit reports them;
-3. the same records scored by EasyEdit's vanilla generation (``test_prediction_acc(...,
-   vanilla_generation=True)``: cache-free greedy ``model.generate``, the published harness's
-   metric) on the model EasyEdit got back;
+3. after all edits, the same records scored on the model EasyEdit got back by EasyEdit's vanilla
+   generation (``test_prediction_acc(..., vanilla_generation=True)``: cache-free greedy
+   ``model.generate``, the published harness's metric) and by horen-fast's own metrics
+   (``horen_fast.metrics``, SPEC 6: Rel / Gen / Loc / OP);
 4. ``editor.edit(..., sequential_edit=False)`` (EasyEdit restores after each record) and whether
    the model is bitwise the original afterwards;
 5. ``batch_edit`` and ``normal_edit``: EasyEdit asserts these for its fixed list of batchable
@@ -45,11 +46,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 RECORDS = [  # words of the tiny tokenizer's vocabulary (tests/tiny_models.py)
-    ("the capital of France is", "Tokyo", "which city is the capital of France", "the language of Italy is", "Italian"),
-    ("the language of Egypt is", "Japanese", "what language is spoken in Egypt", "the capital of Spain is", "Madrid"),
-    ("Einstein plays", "violin", "what does Einstein play", "Mozart was born in", "Germany"),
-    ("the official currency of Japan is", "football", "what is the currency of Japan", "the river of China is", "yellow"),
-    ("Darwin was born in", "Italy", "where was Darwin born", "Newton was born in", "England"),
+    ("the capital of France is", "Tokyo", "which city is the capital of France", "the song was written by", "Mozart"),
+    ("the language of Egypt is", "Japanese", "what language is spoken in Egypt", "the film was directed by", "Newton"),
+    ("Einstein plays", "violin", "what does Einstein play", "who lives in Berlin", "Curie"),
+    ("the official currency of Japan is", "football", "what is the currency of Japan", "the album was called", "red"),
+    ("Darwin was born in", "Italy", "where was Darwin born", "which team plays football", "Madrid"),
 ]
 
 
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
 
     import torch
     from horen_fast import easyedit
+    from horen_fast import metrics as hm
+    from horen_fast.data import EditRecord
 
     t0 = time.perf_counter()
     from easyeditor import BaseEditor
@@ -204,6 +207,10 @@ def main(argv=None) -> int:
 
     # 2. sequential editing, EasyEdit's own metrics
     editor = fresh_editor()
+    recs = [EditRecord(p, t, r, lp, la) for p, t, r, lp, la in zip(
+        data["prompts"], data["target_new"], data["rephrase_prompts"],
+        data["locality_inputs"]["neighborhood"]["prompt"], data["locality_inputs"]["neighborhood"]["ground_truth"])]
+    loc_before = hm.locality_reference(editor.model, editor.tok, recs)
     t0 = time.perf_counter()
     metrics, edited, _ = editor.edit(**data, sequential_edit=True, verbose=False)
     seq = {"seconds": round(time.perf_counter() - t0, 1), "edited_model": type(edited).__name__}
@@ -214,6 +221,9 @@ def main(argv=None) -> int:
     gen = [test_prediction_acc(edited, editor.tok, hp, p, t, args.device, vanilla_generation=True)[0]
            for p, t in zip(data["prompts"], data["target_new"])]
     seq["post_all_vanilla_generation_rewrite_acc"] = round(sum(gen) / len(gen), 4)
+    # horen-fast's own metrics (SPEC 6: greedy generation, KV cache) on the same model, after all edits
+    ours = hm.aggregate(hm.evaluate_records(edited, editor.tok, recs, loc_before))
+    seq["post_all_horen_fast_eval"] = {k: round(v, 4) for k, v in ours.items() if k != "n"}
     report["sequential_edit"] = seq
 
     # 4. non-sequential: EasyEdit restores after each record

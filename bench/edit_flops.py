@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     cfg = model.config
     rows = []
     for rec in load_records(Path(args.data), args.records):
-        p_ids, t_ids = editor._encode(rec["prompt"], rec["target"])
+        p_ids, t_ids = editor.encode(rec["prompt"], rec["target"])
         pub, ours = counts(cfg, args.layer, len(p_ids), len(t_ids))
         rows.append((len(p_ids), len(t_ids), pub, ours))
     print("| record | prompt tokens | target tokens | published GMAC/step | ours GMAC/step | ratio |")

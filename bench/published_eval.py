@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from horen_fast.data import read_records
     from horen_fast.evaluate import run_sequential
     from horen_fast.models import load_model
-    from horen_fast.editor import resolve_layer
+    from horen_fast.arch import resolve_layer
     from .published_edit import PublishedHoReN
 
     model, tok = load_model(args.model, progress=False)

@@ -41,7 +41,10 @@ ARCHS: dict[str, Arch] = {
     "phi": Arch("model.layers", "mlp.fc2"),
     "gptj": Arch("transformer.h", "mlp.fc_out"),
     "bloom": Arch("transformer.h", "mlp.dense_4h_to_h"),
+    "falcon": Arch("transformer.h", "mlp.dense_4h_to_h"),
 }
+# Not registered: OPT (its decoder layers flatten the tokens to [B*T, d] before fc1/fc2, and the
+# adapter reads [B, T, d]).
 
 
 def register(model_type: str, arch: Arch) -> None:

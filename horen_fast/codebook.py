@@ -161,6 +161,8 @@ class Codebook:
             ids = [ids]
         out = []
         for i in ids:
+            if isinstance(i, (bool, float)) or not hasattr(i, "__index__"):
+                raise TypeError(f"entry ids are integers, got {i!r} ({type(i).__name__})")
             slot = self._slot_of.get(int(i))
             if slot is None:
                 raise KeyError(f"no codebook entry with id {int(i)} (it was never added or was "

@@ -21,7 +21,10 @@ edits the model in place (``copy=True``: a deep copy) and returns ``(model, weig
   portability prompts) is a known prompt (``inference.KnownPrompts``), so EasyEdit's teacher-forced
   scoring of ``prompt + " " + target`` in one forward pass gets the edit at the prompt's last
   token, not at the last target token. A pass over a row that begins with no known prompt takes
-  all its non-padding tokens as the prompt.
+  all its non-padding tokens as the prompt. (Known prompts live on the adapter for the session;
+  ``HoReNEditor.save`` does not keep them. EasyEdit's fluency check, ``generate_fast``, runs a
+  batch's first pass over the shortest prompt only, so for longer prompts of such a batch the
+  edit is not applied at their end.)
 * ``weights_copy`` undoes the edits (the original layer back, the editor and the pinned generate
   removed) in either of EasyEdit's restore conventions: called (its ``CALLABLE_RESTORE_ALGS``) or
   through ``weights_copy.items()`` (the weight-copy convention of ``restore_after_edit`` and
@@ -40,12 +43,16 @@ What EasyEdit's code cannot do with a registered method: ``batch_edit`` and ``no
 ``model.horen_editor.edit_many`` (or EasyEdit's ``edit(..., sequential_edit=True)``).
 
 Which EasyEdit metric differs from horen-fast's own evaluation (SPEC 6), and why: EasyEdit's
-default ``rewrite_acc`` / ``rephrase_acc`` / ``locality`` are teacher-forced (each target token
-predicted after the gold target tokens before it), horen-fast's are greedy generation (each
-token after the generated ones). With the edit applied at the same position both agree on
-single-token targets; on longer targets teacher forcing can only score higher (a wrong token does
-not derail the next). The published harness (``vanilla_generation`` for HOREN, cache-free greedy
-generation through ``model.generate``) is SPEC 6 and gives horen-fast's numbers.
+default ``rewrite_acc`` / ``rephrase_acc`` are teacher-forced (each target token is the argmax
+after the gold target tokens before it) and its locality compares those argmax tokens over the
+locality prompt + answer before and after editing; horen-fast's Rel / Gen / Loc are greedy
+generation (each token after the generated ones; Rel and Gen 0 when the decoded answer
+re-encodes to another length). With the edit applied at the same position the two agree on
+single-token targets; on longer targets they can differ either way, teacher forcing usually
+higher (one wrong token does not derail the ones after it). EasyEdit's vanilla generation
+(``test_prediction_acc(..., vanilla_generation=True)``, the published harness's metric for
+HOREN: cache-free greedy ``model.generate``) gives SPEC 6's Rel / Gen except the re-encoding rule.
+bench/easyedit_run.py runs EasyEdit's real code and prints both.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ prefill pass (SPEC 4); see ``horen_fast.inference``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import signal
@@ -133,6 +134,14 @@ class HoReNEditor:
             model.register_forward_hook(self._post_hook, always_call=True),
         ]
         self._attached = True
+
+    def __deepcopy__(self, memo):
+        """A deep copy (e.g. of a model carrying this editor) with its own, fresh lock."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, threading.RLock() if name == "lock" else copy.deepcopy(value, memo))
+        return new
 
     @staticmethod
     def entry_dim(config: HoReNConfig, d_value: int) -> int:

@@ -374,11 +374,12 @@ def _cmd_eval(args) -> int:
 def _threshold_help() -> str:
     from .calibrate import DEFAULTS, recommended_config
     from .config import HoReNConfig
-    known = ", ".join(f"{k} {recommended_config(k).hopfield_key_match_threshold}" for k in DEFAULTS)
-    return (f"the match threshold tau. Default: the model's recommended tau ({known}; calibrated on "
-            f"ZsRE with 'horen-fast calibrate'), the value in --config when given, else the paper's "
-            f"{HoReNConfig(layer=0).hopfield_key_match_threshold}. The run prints the tau it uses and where "
-            f"it comes from.")
+    known = "; ".join(f"--model {k}: {recommended_config(k).hopfield_key_match_threshold}" for k in DEFAULTS)
+    return (f"the match threshold tau. Without it: {known} (horen-fast's recommended setting, "
+            f"calibrated on ZsRE dev records with 'horen-fast calibrate'); with --config: the file's "
+            f"hopfield_key_match_threshold; any other model: the paper's "
+            f"{HoReNConfig(layer=0).hopfield_key_match_threshold}. The run prints the tau it uses "
+            f"and where it comes from, and the report records both.")
 
 
 def register_cli(subparsers) -> None:
@@ -399,7 +400,8 @@ def register_cli(subparsers) -> None:
                         "50, ... and the last record)")
     p.add_argument("--edit-batch", type=int, default=1,
                    help="records trained together by edit_many (default 1: one edit at a time, with "
-                        "each record's own edit time; 16 is several times faster)")
+                        "each record's own edit time; e.g. 16 shares the model's weight reads among "
+                        "16 edits, faster, with the same edits, timed per batch)")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch size (default 32)")
     p.add_argument("--out", default=None, help="write the JSON report here (rewritten after each "
                                                "checkpoint; an existing file is kept under a dated name)")

@@ -24,7 +24,10 @@ that max, all_reduce SUM of z and y.
 TIE RULE (the one rule of every backend, Codebook and ShardedCodebook): when several keys share
 the best final cosine, the match is the FIRST key in storage order, i.e. the lowest position; in a
 ShardedCodebook the lowest rank, then the lowest position in that rank (``best_match`` takes the
-positions to compare, so the same function serves candidates and shards).
+positions to compare, so the same function serves candidates and shards). A matrix product does
+not give identical keys identical dot products (GEMM blocking), so paths that score with one use
+``exact_best``: it rescores each row's best few keys in float64, every key by the same operations,
+before applying the rule; exact duplicate keys then tie exactly.
 
 FINAL-SCORE BOUND (used by the C++ kernel, csrc/horen_cpu.cpp, and the Triton kernels to avoid
 re-reading every key after the last step). Let q be the query of the last step (unit), s_i = q.k_i

@@ -1,5 +1,5 @@
-"""Where each row's prompt ends at inference (SPEC 4): the editor's forward hooks, known prompts,
-and generation that pins the prompt.
+"""Where each row's prompt ends at inference (SPEC 4): what the editor's forward pre-hook tells the
+adapter (``describe_pass``), known prompts, and generation and scoring that pin the prompt.
 
 A HoReN edit is applied at the last prompt token of each row, at the first pass over an empty KV
 cache. Which tokens are "the prompt" is decided here, per first pass, in this order:
@@ -16,6 +16,11 @@ than the input, add nothing. So ``model.generate`` with the KV cache applies eac
 the prefill; a cache-free generation (``use_cache=False``, every step re-running the whole
 sequence) needs 1 or 2, otherwise each step would treat its whole sequence as the prompt and add
 the value at the newest token.
+
+A known prompt is found only where its tokens (``tokenizer(prompt)``) begin the row, which holds
+for ``prompt + " " + target`` unless the tokenizer merges tokens across that space. ``generate``
+and ``score`` hold ``editor.lock``; plain ``model(...)`` calls from several threads at once are
+not serialized (the adapter's pass state is shared).
 """
 from __future__ import annotations
 

@@ -15,7 +15,9 @@ name the argument; the reasons functions here say, before a call, why the C++ co
 
 ``HOREN_FAST_CPU_ISA`` = ``auto`` (default) | ``avx512`` | ``avx2`` | ``scalar`` picks the
 instruction set of every native call; it is read here and nowhere else (at each call, so that
-tests and comparisons can switch it).
+tests and comparisons can switch it). Tile sizes and thread counts follow the machine (caches,
+instruction set: csrc/common/machine.h); ``machine()`` shows them, ``set_tuning`` overrides them
+for experiments.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ else:
     _sketch_missing = ""
 
 __all__ = ["ISA_VARIABLE", "ISAS", "RETRIEVE_BUILT", "SKETCH_BUILT", "best_isa", "supported_isas",
-           "cpu_isa", "isa_reasons", "retrieve", "sketch_scan", "sketch_rescue", "pair_dots",
+           "cpu_isa", "isa_reasons", "machine", "set_tuning", "retrieve", "sketch_scan", "sketch_rescue", "pair_dots",
            "sketch_reasons", "pair_dots_reasons"]
 
 ISA_VARIABLE = "HOREN_FAST_CPU_ISA"
@@ -92,6 +94,26 @@ def cpu_isa() -> str:
         raise ValueError(why[0])
     isa = _requested()
     return _BEST if isa == "auto" else isa
+
+
+def machine() -> dict:
+    """The caches the kernels detected (l1d_bytes, l2_bytes of one core, l3_bytes, cpus,
+    cache_source) and the tuning derived from them: tile_bytes (keys per tile of the retrieval
+    kernel: half the L2) and work_per_thread (multiply-adds that pay for one more thread, at 16
+    lanes; scaled by the lanes of the instruction set in use). Empty when nothing is built."""
+    ext = _retrieve_ext if _retrieve_ext is not None else _sketch_ext
+    return {} if ext is None else dict(ext.machine())
+
+
+def set_tuning(*, tile_bytes: int = 0, work_per_thread: int = 0) -> None:
+    """Override the tile size and the work per thread of every native kernel, for experiments
+    (0: back to the detected value). Call it while no kernel runs."""
+    for name, value in (("tile_bytes", tile_bytes), ("work_per_thread", work_per_thread)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0: the detected value), got {value!r}")
+    for ext in (_retrieve_ext, _sketch_ext):
+        if ext is not None:
+            ext.set_tuning(tile_bytes, work_per_thread)
 
 
 def _built_reasons(ext, missing: str, what: str) -> list[str]:

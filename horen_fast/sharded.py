@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -156,7 +155,8 @@ class ShardedCodebook:
         try:
             if isinstance(ids, int) and not isinstance(ids, bool):
                 ids = [ids]
-            count = len(ids.reshape(-1)) if isinstance(ids, torch.Tensor) else len(list(ids))
+            ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else list(ids)
+            count = len(ids)
             ids = check_ids(ids, count)
             mine = [i for i in ids if i in self.local]
         except (TypeError, ValueError) as exc:

@@ -161,6 +161,11 @@ class Trainer:
         cache = getattr(out, self.cache_kw, None)
         if cache is None:
             cache = getattr(out, "past_key_values", None)
+        if "x" not in cap or cap["x"].dim() != 3:
+            shape = tuple(cap["x"].shape) if "x" in cap else None
+            raise ValueError(f"the wrapped layer saw an input of shape {shape}, not [batch, tokens, width] "
+                             f"(this architecture flattens the tokens before the MLP, e.g. OPT); HoReN cannot "
+                             f"edit this layer")
         layers = self._cache_layers(cache, n) if self.prefix_cache else None
         q, _ = build_queries(cap["x"], prompt, config.query_selection_strategy)
         h = cap.get("h") if cap.get("plain") else None

@@ -26,6 +26,7 @@ static check (bench/gpu_static.py), which compiles what this planner chooses wit
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -59,10 +60,15 @@ INTERPRETER = Target("interpreter", 0, 1, 1 << 20, 1 << 30, 1 << 30)
 
 
 def target_for(device: torch.device) -> Target:
-    """The Target of a CUDA device (read once per call; cheap), or INTERPRETER for the CPU."""
+    """The Target of a CUDA device (read once per device), or INTERPRETER for the CPU."""
     if device.type != "cuda":
         return INTERPRETER
-    p = torch.cuda.get_device_properties(device)
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> Target:
+    p = torch.cuda.get_device_properties(index)
     smem = getattr(p, "shared_memory_per_multiprocessor", 228 << 10)
     return Target(f"sm_{p.major}{p.minor}", p.major * 10 + p.minor, p.multi_processor_count,
                   int(getattr(p, "L2_cache_size", 50 << 20)), smem,
@@ -127,6 +133,10 @@ class Plan:
         return -(-self.B // self.final_block_b)
 
 
+OVERRIDES = {"path", "block_b", "block_n", "block_d", "one_chunk", "splits", "wsum_block_d", "wsum_splits",
+             "final_block_n", "final_block_d", "num_warps", "num_stages"}
+
+
 def _pow2_floor(x: float) -> int:
     p = 1
     while p * 2 <= x:
@@ -155,13 +165,29 @@ def _splits(n_tiles: int, block_n: int, n: int, want: int) -> tuple[int, int]:
 def plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **overrides) -> Plan:
     """The launch plan for B queries against N keys of width D. ``overrides`` (any Plan field)
     force tile sizes, e.g. small tiles in tests; split counts are re-derived from them."""
+    if overrides:
+        return _plan(B, N, D, key_dtype, target, **overrides)
+    return _cached_plan(B, N, D, key_dtype, target)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target) -> Plan:
+    return _plan(B, N, D, key_dtype, target)
+
+
+def _plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **overrides) -> Plan:
     if key_dtype not in DTYPE_BYTES:
         raise ValueError(f"keys must be float32, bfloat16 or float16 for the Triton kernels, got {key_dtype}")
     if min(B, N, D) < 1:
         raise ValueError(f"plan needs B, N, D >= 1, got B={B} N={N} D={D}")
+    unknown = set(overrides) - OVERRIDES
+    if unknown:
+        raise ValueError(f"unknown plan overrides {sorted(unknown)}; choose from {sorted(OVERRIDES)}")
     gpu = target.arch > 0
     ebytes = DTYPE_BYTES[key_dtype]
     path = overrides.get("path", "small" if B <= SMALL_B else "large")
+    if path not in ("small", "large") or (path == "small" and B > SMALL_B):
+        raise ValueError(f"path must be 'large', or 'small' for B <= {SMALL_B}; got {path!r} with B={B}")
     num_warps = 4
     d_pad = _pow2_ceil(D)
     if path == "small":
@@ -195,7 +221,9 @@ def plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **overr
         block_d = 64 if gpu else min(128, max(16, d_pad))
         one_chunk = False
         want = 2 * target.sms if gpu else 2
-        score_error = 2.0**-15  # two or three bf16 MMAs: about 16 mantissa bits of q.k
+        # bf16 MMAs on split operands: |s - q.k| <= 2^-16 ||k|| per dropped part (one for bf16
+        # keys: q's residual; about three for float32/float16 keys), plus the fp32 accumulation
+        score_error = 2.0**-14 if key_dtype == torch.bfloat16 else 2.0**-13
     block_b = overrides.get("block_b", block_b)
     block_n = overrides.get("block_n", block_n)
     block_d = overrides.get("block_d", block_d)

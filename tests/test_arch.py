@@ -166,3 +166,17 @@ def test_prefix_cache_false_trains_over_the_whole_sequence_to_the_same_entry(mon
     r2 = without.edit(*EDITS[0])
     torch.testing.assert_close(without.codebook.get_values(r2.id)[0], v1, rtol=1e-9, atol=1e-9)
     assert r2.loss == pytest.approx(r1.loss, rel=1e-9)
+
+
+def test_a_layer_that_sees_flattened_tokens_is_refused_clearly():
+    """OPT flattens the tokens to [B*T, d] before its MLP: an edit there is refused, not garbled."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.OPTConfig(vocab_size=tm.vocab_size(), hidden_size=48, ffn_dim=96, num_hidden_layers=2,
+                      num_attention_heads=4, word_embed_proj_dim=48, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    model = T.OPTForCausalLM(cfg).eval()
+    ed = HoReNEditor(model, tm.tokenizer("left"), HoReNConfig(layer="model.decoder.layers.1.fc2", n_iter=2))
+    with pytest.raises(ValueError, match="not \\[batch, tokens, width\\]"):
+        ed.edit(*EDITS[0])
+    assert len(ed) == 0

@@ -286,6 +286,20 @@ def test_update_takes_exactly_one_row_and_finite_values():
     assert len(cb) == 1 and torch.equal(cb.get_keys([i]), key) and cb.get_values([i]).tolist() == [[1.0, 1.0]]
 
 
+def test_ids_are_not_coerced():
+    cb = Codebook(4, 2)
+    cb.add(torch.randn(3, 4), torch.randn(3, 2))
+    for bad in ([1.5], [True], ["1"], torch.tensor([1.0])):
+        with pytest.raises(TypeError, match="integers"):
+            cb.remove(bad)  # 1.5 used to remove entry 1
+    with pytest.raises(TypeError, match="integers"):
+        cb.add(torch.randn(1, 4), torch.randn(1, 2), ids=[7.0])
+    assert cb.ids == [0, 1, 2]
+    cb.remove(torch.tensor([1]))
+    cb.remove([np.int64(2)])
+    assert cb.ids == [0]
+
+
 # ---- autograd ------------------------------------------------------------------------------
 
 def test_tensors_that_require_grad_are_not_kept_alive():

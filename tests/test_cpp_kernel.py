@@ -178,3 +178,44 @@ def test_isa_switch_errors(monkeypatch):
             monkeypatch.setenv("HOREN_FAST_CPU_ISA", isa)
             with pytest.raises(NotSupportedError, match="does not support"):
                 retrieve(queries, keys, backend="cpp")
+
+
+def _sysfs_l2_per_core():
+    """One core's L2 in bytes from /sys (None off Linux), read independently of csrc/common/machine.h."""
+    import glob
+    import os
+
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        read = lambda name: open(os.path.join(d, name)).read().strip()  # noqa: E731
+        if read("level") == "2" and read("type") != "Instruction":
+            size = read("size")
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1], 1)
+            sharing = 0
+            for part in read("shared_cpu_list").split(","):
+                lo, _, hi = part.partition("-")
+                sharing += int(hi or lo) - int(lo) + 1
+            return int(size.rstrip("KM")) * scale // max(sharing, 1)
+    return None
+
+
+def test_tuning_follows_the_machine_and_can_be_overridden():
+    m = native.machine()
+    l2 = _sysfs_l2_per_core()
+    if l2 is not None:
+        assert m["cache_source"] == "sysfs" and m["l2_bytes"] == l2
+    assert m["l2_bytes"] > 0 and m["tile_bytes"] == m["l2_bytes"] // 2 and m["work_per_thread"] > 0
+    keys, queries = case(51, 700, 48, 12)
+    before = torch.get_num_threads()
+    default = retrieve(queries, keys, backend="cpp", threshold=0.3)
+    try:  # tiles of 8 keys, a thread for any work: every tail and split of the loops
+        native.set_tuning(tile_bytes=1, work_per_thread=1)
+        assert native.machine()["tile_bytes"] == 1
+        torch.set_num_threads(2)
+        res, _ = check(keys, queries, "tiny tiles, threads for any work", threshold=0.3)
+        assert torch.equal(res.index, default.index)
+    finally:
+        torch.set_num_threads(before)
+        native.set_tuning()
+    assert native.machine() == m
+    with pytest.raises(ValueError, match="tile_bytes"):
+        native.set_tuning(tile_bytes=-1)

@@ -155,3 +155,9 @@ def test_triton_on_cpu_needs_the_interpreter_and_auto_never_picks_it_on_cpu(monk
     assert any("TRITON_INTERPRET" in r for r in why)
     with pytest.raises(NotSupportedError, match="TRITON_INTERPRET"):
         retrieve(q, k, backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_available_backends_on_a_device_this_machine_lacks():
+    assert available_backends("cuda") == []
+    assert "torch" in available_backends("meta") and "cpp" not in available_backends("meta")

@@ -26,17 +26,17 @@ def test_decide_follows_the_oracle(dtype):
     for i in range(300):
         kind = i % 4
         j = int(rng.integers(0, len(keys)))
-        if kind == 0:      # the stored prompt again
+        if kind in (0, 2):   # the stored prompt again (kind 2: with a new target)
             q = keys[j] * rng.uniform(0.1, 10)
-        elif kind == 1:    # a paraphrase
+        elif kind == 1:      # a paraphrase
             q = keys[j] + rng.uniform(0.05, 0.5) * unit(rng.standard_normal(24))
-        else:              # anything
+        else:                # anything, with a new target
             q = rng.standard_normal(24)
         exp = oracle_retrieve(q[None], keys, threshold=0.8)
         if exp.knife[0]:
             continue
         m = int(exp.index[0])
-        same_label = kind != 3 and m >= 0
+        same_label = kind <= 1 and m >= 0
         label = (100 + m,) if same_label else (7, i)
         got = decide(cb, torch.as_tensor(q, dtype=dtype), label)
         if m < 0:
@@ -115,4 +115,4 @@ def test_records_and_tokenization():
     with pytest.raises(ValueError, match="more than max_length=4"):
         encode(words, "the capital of France is", "Rome", max_length=4)
     with pytest.raises(ValueError, match="tokenizes to nothing"):
-        encode(tok, "Kyoto", " ")
+        encode(words, "the capital of France is", " ")

@@ -14,9 +14,11 @@ from horen_fast import retrieve
 from horen_fast.retrieval import available_backends
 from oracle import anisotropic_keys, assert_agrees, mixed_queries, oracle_retrieve, unit
 
-BACKENDS = available_backends("cpu")
-FAST = [b for b in BACKENDS if b != "triton"]
-INTERPRETED = [b for b in BACKENDS if b == "triton"]
+# (backend, device): the CPU backends, plus the CUDA ones where a GPU is present
+BACKENDS = [(b, "cpu") for b in available_backends("cpu")] + \
+    [(b, "cuda") for b in (available_backends("cuda") if torch.cuda.is_available() else [])]
+FAST = [c for c in BACKENDS if c != ("triton", "cpu")]
+INTERPRETED = [c for c in BACKENDS if c == ("triton", "cpu")]
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -41,51 +43,52 @@ def extreme_queries(rng, keys, b, d, qdtype):
     return torch.tensor(x).to(qdtype)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend,device", FAST)
 @settings(max_examples=40, **FUZZ)
 @given(data=st.data())
-def test_extreme_magnitudes_agree_with_the_oracle(backend, data):
-    fuzz_case(backend, data, small=False)
+def test_extreme_magnitudes_agree_with_the_oracle(backend, device, data):
+    fuzz_case(backend, device, data, small=False)
 
 
-@pytest.mark.parametrize("backend", INTERPRETED)
+@pytest.mark.parametrize("backend,device", INTERPRETED)
 @settings(max_examples=8, **FUZZ)
 @given(data=st.data())
-def test_extreme_magnitudes_agree_with_the_oracle_interpreted(backend, data):
-    fuzz_case(backend, data, small=True)
+def test_extreme_magnitudes_agree_with_the_oracle_interpreted(backend, device, data):
+    fuzz_case(backend, device, data, small=True)
 
 
-def fuzz_case(backend, data, small):
+def fuzz_case(backend, device, data, small):
     n = data.draw(st.integers(1, 40 if small else 400), label="n")
     d = data.draw(st.integers(1, 32 if small else 256), label="d")
     b = data.draw(st.integers(1, 6 if small else 24), label="b")
     steps = data.draw(st.integers(0, 3), label="steps")
     tau = data.draw(st.floats(0.3, 0.95), label="tau")
-    kdtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16] if small else
+    no64 = backend == "triton"  # refused with a reason (tests/test_dispatch.py)
+    kdtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16] if no64 else
                                        [torch.float32, torch.bfloat16, torch.float64]), label="keys")
-    qdtype = torch.float32 if kdtype != torch.float64 else data.draw(
-        st.sampled_from([torch.float32, torch.float64]), label="queries")
+    qdtype = data.draw(st.sampled_from([torch.float32, torch.float64] if kdtype == torch.float64 else
+                                       [torch.float32, torch.bfloat16]), label="queries")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     keys = torch.tensor(anisotropic_keys(rng, n, d)).to(kdtype)
     queries = extreme_queries(rng, keys.double().numpy(), b, d, qdtype)
-    res = retrieve(queries, keys, backend=backend, steps=steps, threshold=tau)
+    res = retrieve(queries.to(device), keys.to(device), backend=backend, steps=steps, threshold=tau)
     exp = oracle_retrieve(queries.double().numpy(), keys.double().numpy(), steps=steps, threshold=tau)
-    assert_agrees(res, exp, context=f"{backend} n={n} d={d} b={b} steps={steps} keys={kdtype} "
+    assert_agrees(res, exp, context=f"{backend} on {device} n={n} d={d} b={b} steps={steps} keys={kdtype} "
                                     f"queries={qdtype}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("exponent", [-35, -30, -20, 20, 30, 35])
-def test_scaled_copies_of_a_query_give_the_same_answer(backend, exponent):
+def test_scaled_copies_of_a_query_give_the_same_answer(backend, device, exponent):
     """A query scaled by 10^e (float32, finite) matches exactly what the unscaled query matches."""
     rng = np.random.default_rng(exponent + 50)
-    keys = torch.tensor(anisotropic_keys(rng, 30, 16), dtype=torch.float32)
+    keys = torch.tensor(anisotropic_keys(rng, 30, 16), dtype=torch.float32).to(device)
     base = unit(keys[:4].double().numpy() + 0.2 * unit(rng.standard_normal((4, 16))))
-    q = torch.tensor(base * 10.0 ** exponent, dtype=torch.float32)
+    q = torch.tensor(base * 10.0 ** exponent, dtype=torch.float32).to(device)
     assert torch.isfinite(q).all() and (q != 0).any(dim=1).all()
     res = retrieve(q, keys, backend=backend, threshold=0.7)
-    ref = retrieve(torch.tensor(base, dtype=torch.float32), keys, backend=backend, threshold=0.7)
-    exp = oracle_retrieve(q.double().numpy(), keys.double().numpy(), threshold=0.7)
+    ref = retrieve(torch.tensor(base, dtype=torch.float32).to(device), keys, backend=backend, threshold=0.7)
+    exp = oracle_retrieve(q.double().cpu().numpy(), keys.double().cpu().numpy(), threshold=0.7)
     assert exp.matched.sum() >= 2     # the case is not vacuous
     assert_agrees(res, exp, context=f"{backend} 1e{exponent}")
     assert res.index.tolist() == ref.index.tolist()

@@ -168,10 +168,10 @@ def test_extreme_temperatures(beta, tiles, b):
     check(np.random.default_rng(8), 80, 33, b, tiles, beta=beta, steps=2, threshold=0.5)
 
 
-def _oracle_tight_candidates(q, k, **kw):
+def _oracle_tight_candidates(q, k, margin=1e-4, **kw):
     """float64: final cosines, and the keys the tight bound keeps (|r.k - rho s| <= sigma
     sqrt(|k|^2 - s^2)) for rows still running at the last step, with a margin flag for keys within
-    1e-4 of either edge; stopped rows keep every key whose s can be the best."""
+    ``margin`` of either edge; stopped rows keep every key whose s can be the best."""
     kk = np.asarray(k, dtype=np.float64)
     k2 = (kk * kk).sum(1)
     a, tau = kw["alpha"], kw["threshold"]
@@ -199,7 +199,7 @@ def _oracle_tight_candidates(q, k, **kw):
         else:
             hi = lo = c
         cands.append((hi >= lo.max()) & (hi > tau))
-        margins.append((np.abs(hi - lo.max()) < 1e-4) | (np.abs(hi - tau) < 1e-4))
+        margins.append((np.abs(hi - lo.max()) < margin) | (np.abs(hi - tau) < margin))
     return np.stack(finals), np.stack(cands), np.stack(margins)
 
 
@@ -225,7 +225,8 @@ def test_candidate_rescoring_follows_the_tight_bound(kind, tiles, b):
     plan = make_plan(b, n, d, kt.dtype, tiles)
     c, _ = triton_backend.final_cosines(qt.to(DEVICE), kt.to(DEVICE), params(**kw), plan)
     c = c.cpu()
-    exact, cand, margin = _oracle_tight_candidates(q, k, **kw)
+    # the kernels widen the bound by their first-pass score error (MMAs) and rounding slack
+    exact, cand, margin = _oracle_tight_candidates(q, k, margin=1e-4 + 4 * plan.score_error, **kw)
     finite = torch.isfinite(c).numpy()
     np.testing.assert_array_equal(finite[~margin], cand[~margin])
     np.testing.assert_allclose(c.numpy()[finite], exact[finite], atol=2e-5)

@@ -60,13 +60,17 @@ def _config(arch: str, layers: int, hidden: int, inter: int, common: dict):
     if arch == "phi":
         return T.PhiConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                            num_attention_heads=4, max_position_embeddings=128, **common)
+    if arch == "falcon":
+        return T.FalconConfig(hidden_size=hidden, ffn_hidden_size=inter, num_hidden_layers=layers,
+                              num_attention_heads=4, new_decoder_architecture=False, multi_query=True,
+                              parallel_attn=True, alibi=False, **common)
     if arch == "bloom":
         return T.BloomConfig(hidden_size=hidden, n_layer=layers, n_head=4, **common)
     raise ValueError(f"no tiny config for {arch!r}")
 
 
 ARCHS = ("llama", "qwen2", "gpt2", "mistral", "phi3", "qwen3", "gemma", "gemma2", "olmo2", "stablelm",
-         "gpt_neox", "phi", "gptj", "bloom")
+         "gpt_neox", "phi", "gptj", "bloom", "falcon")
 
 
 def model(arch: str = "llama", *, layers: int = 4, hidden: int = 48, inter: int = 96, seed: int = 0,

@@ -9,6 +9,7 @@
 #include "../common/isa.h"
 #include "../common/machine.h"
 #include "../common/tensor_args.h"
+#include "machine_functions.h"
 #include "../retrieve/retrieve.h"
 
 namespace py = pybind11;
@@ -65,6 +66,7 @@ static void retrieve_checked(py::handle q_obj, py::handle k_obj, py::handle inde
 
 PYBIND11_MODULE(_C, m) {
     horen::args::init();
+    horen::add_machine_functions(m);
     m.doc() = "horen_fast: the fused HoReN retrieval kernel for CPUs (csrc/retrieve); use horen_fast.native";
     m.def("best_isa", []() { return std::string(horen::isa_name(horen::best_isa())); },
           "The fastest instruction set this CPU supports: 'avx512', 'avx2' or 'scalar'.");

@@ -9,6 +9,7 @@
 
 #include "../common/isa.h"
 #include "../common/tensor_args.h"
+#include "machine_functions.h"
 #include "../sketch/sketch.h"
 
 namespace py = pybind11;
@@ -183,8 +184,14 @@ void pair_dots_checked(py::handle keys, py::handle q, py::handle rows, py::handl
 
 PYBIND11_MODULE(_sketch, m) {
     horen::args::init();
+    horen::add_machine_functions(m);
     m.doc() = "horen_fast: the key sketch's fused scan and rescue, and pair_dots, on the CPU (csrc/sketch); "
               "use horen_fast.native";
+    m.def("best_isa", []() { return std::string(horen::isa_name(horen::best_isa())); });
+    m.def("isa_supported", [](const std::string& name) {
+        horen::Isa isa;
+        return horen::parse_isa(name, &isa) && horen::isa_supported(isa);
+    }, py::arg("name"));
     m.def("scan", &scan_checked, py::arg("qc"), py::arg("qf"), py::arg("perp_c"), py::arg("perp"), py::arg("cvar"),
           py::arg("rows_c"), py::arg("rows_f"), py::arg("e_t"), py::arg("e_c"), py::arg("e"), py::arg("alive"),
           py::arg("excl"), py::arg("rt"), py::arg("nearest"), py::arg("beta"), py::arg("slack"), py::arg("isa"),

@@ -240,7 +240,8 @@ private:
     }
     [[noreturn]] void fail(const char* name) const {
         py::error_already_set e;  // takes the pending Python error
-        type_error(std::string(name) + " could not be read as a tensor: " + e.what());
+        type_error(std::string(name) + " could not be read as a dense tensor (" + e.what() +
+                   "); pass a dense tensor (.to_dense())");
     }
 };
 

@@ -346,9 +346,10 @@ template <class T> static inline double sq_sum(const T* x, int64_t n) {
 template <class F, class KT>
 class Driver {
 public:
-    Driver(const Problem& p, const KernelSet<F, KT>& ks) : p_(p), ks_(ks) {
+    Driver(const Problem& p, const KernelSet<F, KT>& ks, Isa isa) : p_(p), ks_(ks), isa_(isa) {
         const int64_t key_bytes = std::max<int64_t>(1, p.d * static_cast<int64_t>(sizeof(KT)));
-        int64_t t = machine().l2_bytes / key_bytes;   // a tile of keys stays in L2 between its two uses
+        // a tile of keys stays in L2 between its two uses (csrc/common/machine.h: half of one core's L2)
+        int64_t t = machine().tile_bytes / key_bytes;
         t = std::max<int64_t>(8, std::min<int64_t>(256, t));
         tile_ = static_cast<int>(t - t % 8);    // whole register blocks of the dot and axpy loops
     }
@@ -393,6 +394,7 @@ private:
 
     const Problem& p_;
     KernelSet<F, KT> ks_;
+    Isa isa_;
     int tile_;
     std::vector<F> q_;        // current unit queries [B, d]
     std::vector<F> S_;        // cosines of the current pass [Ba, N]
@@ -407,7 +409,7 @@ private:
     int threads_for(int64_t rows) const {
         // a thread only for enough multiply-adds (csrc/common/threads.h), and at least 4 keys each
         const int64_t work = 2 * p_.N * p_.d * std::max<int64_t>(1, rows);
-        return threads_for_work(work, p_.nthreads, p_.N / 4);
+        return threads_for_work(work, p_.nthreads, isa_, p_.N / 4);
     }
 
     void run_group(std::vector<int64_t> active) {
@@ -552,9 +554,10 @@ private:
         const int64_t N = p_.N;
         const int64_t ne = static_cast<int64_t>(exact_rows.size());
         const int64_t nb = static_cast<int64_t>(bound_rows.size());
-        // threads only when the rows' work (about N each, more for long candidate walks) is large
+        // threads only when the rows' work (about N comparisons each, more for long candidate walks)
+        // is large: a quarter of what pays for a thread in multiply-adds
         const int64_t rows_work = (ne + nb) * N;
-        const int nt = rows_work < (1 << 20) ? 1 : std::max(1, std::min<int>(p_.nthreads, static_cast<int>(ne + nb)));
+        const int nt = rows_work < min_work_per_thread(isa_) / 4 ? 1 : std::max(1, std::min<int>(p_.nthreads, static_cast<int>(ne + nb)));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
         for (int64_t i = 0; i < ne + nb; ++i) {
             if (i < ne) {
@@ -619,7 +622,7 @@ private:
 template <class F, class KT>
 static void run_typed(const Problem& p, Isa isa) {
     KernelSet<F, KT> ks = kernels_for<F, KT>(isa);
-    Driver<F, KT>(p, ks).run();
+    Driver<F, KT>(p, ks, isa).run();
 }
 
 void retrieve(const Problem& p, KeyType key_type, bool f64, Isa isa) {

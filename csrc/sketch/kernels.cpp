@@ -584,7 +584,7 @@ void scan(const Args& args, int threads, const ScanOut& out) {
     const int64_t B = a.B, L = a.L, rt = a.rt, rc = a.rc, k2 = a.k2;
     const std::vector<uint32_t> pairs = query_pairs(a);
     a.qpair = pairs.empty() ? nullptr : pairs.data();
-    const int T = threads_for_work(B * L * (k2 > 0 ? rc : rt), threads);
+    const int T = threads_for_work(B * L * (k2 > 0 ? rc : rt), threads, a.isa);
     std::vector<std::vector<Acc>> acc(T, std::vector<Acc>(B));
     std::vector<std::vector<std::vector<Entry>>> heaps(T, std::vector<std::vector<Entry>>(B));
     const bool fixed = fixed_shift(a);
@@ -624,7 +624,7 @@ std::vector<std::pair<int64_t, int64_t>> rescue(const Args& args, const float* f
     const std::vector<uint32_t> pairs = query_pairs(a);
     a.qpair = pairs.empty() ? nullptr : pairs.data();
     const int64_t L = a.L;
-    const int T = threads_for_work(a.B * L * a.rc, threads);
+    const int T = threads_for_work(a.B * L * a.rc, threads, a.isa);
     std::vector<std::vector<std::pair<int64_t, int64_t>>> found(T);
 #pragma omp parallel for num_threads(T) schedule(static, 1)
     for (int t = 0; t < T; ++t) rescue_dispatch(a, floor, L * t / T, L * (t + 1) / T, found[t]);
@@ -673,7 +673,7 @@ float dot_f32(const float* a, const float* b, int64_t d, bool avx512) {
 
 void pair_dots(const float* keys, int64_t stride, const float* q, int64_t d, const int64_t* rows,
                const int64_t* slots, int64_t n, float* out, int threads, Isa isa) {
-    const int T = threads_for_work(n * d, threads);
+    const int T = threads_for_work(n * d, threads, isa);
     const bool avx512 = isa == Isa::avx512;
 #pragma omp parallel for num_threads(T) schedule(static)
     for (int64_t i = 0; i < n; ++i) out[i] = dot_f32(q + rows[i] * d, keys + slots[i] * stride, d, avx512);

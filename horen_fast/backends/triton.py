@@ -27,12 +27,13 @@ except ImportError as exc:  # triton missing, or horen_fast installed without it
     IMPORT_ERROR = exc
 
 KEY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
 def reasons(queries: torch.Tensor, keys: torch.Tensor, params=None) -> list[str]:
     """Why the Triton kernels cannot serve this call ([] = they can)."""
     why = []
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_FOUND:
         why.append("triton is not installed (pip install triton)")
     elif kernels is None:
         why.append(f"the Triton kernels failed to import ({IMPORT_ERROR}); reinstall horen_fast "
@@ -55,11 +56,11 @@ def reasons(queries: torch.Tensor, keys: torch.Tensor, params=None) -> list[str]
                        f"backend='torch' or 'cpp' for float64, or convert with .float())")
     if keys.dtype not in KEY_DTYPES + (torch.float64,):
         why.append(f"keys are {keys.dtype}; the Triton kernels take float32, bfloat16 or float16 keys")
-    if keys.dim() == 2 and keys.shape[0] > 2**24:
-        why.append(f"{keys.shape[0]} keys; the Triton kernels are planned for at most 16M keys (2^24)")
-    if queries.dim() == 2 and queries.shape[0] > 1024:
-        why.append(f"batch of {queries.shape[0]} queries; the Triton kernels serve B <= 1024 per call "
-                   f"(split the batch)")
+    if keys.dim() == 2 and keys.shape[0] >= 2**31 - 2**16:
+        why.append(f"{keys.shape[0]} keys; the Triton kernels index keys with int32 (fewer than 2^31)")
+    if queries.dim() == 2 and queries.shape[0] > 65535:
+        why.append(f"batch of {queries.shape[0]} queries; the Triton kernels serve B <= 65535 per call "
+                   f"(a CUDA grid dimension; split the batch)")
     return why
 
 
