@@ -43,8 +43,8 @@ def timed(fn, batches: list, reps: int) -> float:
 
 
 def build(model: ActivationModel, n: int, args) -> Codebook:
-    cb = Codebook(model.dim, 1, prefilter="faiss", index=args.index, candidates=args.candidates,
-                  prefilter_options=json.loads(args.options), threshold=args.threshold)
+    cb = Codebook(model.dim, 1, threshold=args.threshold,
+                  prefilter={"index": args.index, "candidates": args.candidates, **json.loads(args.options)})
     zero = torch.zeros(args.chunk, 1)
     for lo, block in model.iter_keys(n, seed=n, chunk=args.chunk):
         cb.add(block, zero[: block.shape[0]])

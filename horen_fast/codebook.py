@@ -12,6 +12,7 @@ may hold is checked by horen_fast/entries.py, the same way on add, update and lo
 """
 from __future__ import annotations
 
+import copy
 import threading
 
 import torch
@@ -324,6 +325,23 @@ class Codebook:
                                    matched=res.matched)
 
     # ---- devices and files ------------------------------------------------------------------
+    def __deepcopy__(self, memo) -> "Codebook":
+        """A copy with its own storage and a fresh lock (a lock cannot be copied); a prefilter is
+        rebuilt from the copied keys (a FAISS index cannot be copied either)."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        with self._lock:
+            for name, value in self.__dict__.items():
+                if name not in ("_lock", "prefilter"):
+                    new.__dict__[name] = copy.deepcopy(value, memo)
+            new._lock = threading.RLock()
+            new.prefilter = None
+            if self.prefilter is not None:
+                new.prefilter = Prefilter(self.key_dim, self.prefilter.config, self.device)
+                new.prefilter.rebuild(new._keys[: new._n], new._slot_ids[: new._n])
+        return new
+
     def to(self, device) -> "Codebook":
         device = torch.device(device)
         with self._lock:

@@ -275,3 +275,17 @@ def test_saved_files_follow_the_umask_and_killed_writers_leave_no_orphans(tmp_pa
     cb.save(path)
     assert (path.stat().st_mode & 0o777) == 0o666 & ~old
     assert len(Codebook.load(path)) == 5
+
+
+def test_deepcopy_has_its_own_storage_lock_and_prefilter():
+    import copy
+    pytest.importorskip("faiss")
+    cb = Codebook(16, 3, prefilter={"index": "flat", "candidates": 4})
+    keys = torch.nn.functional.normalize(torch.randn(20, 16), dim=1)
+    ids = cb.add(keys, torch.randn(20, 3), labels=[(i,) for i in range(20)])
+    twin = copy.deepcopy(cb)
+    assert twin.ids == cb.ids and torch.equal(twin.keys, cb.keys) and torch.equal(twin.values, cb.values)
+    assert twin._lock is not cb._lock and twin.prefilter is not cb.prefilter
+    assert torch.equal(twin.retrieve(keys[:5]).index, cb.retrieve(keys[:5]).index)
+    twin.remove([int(ids[0])])
+    assert len(twin) == 19 and len(cb) == 20 and int(ids[0]) in cb

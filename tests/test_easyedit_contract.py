@@ -208,8 +208,6 @@ def test_copy_true_edits_a_copy_whose_generate_is_its_own(lm, hp):
     assert "generate" not in copied.__dict__
 
 
-@pytest.mark.xfail(raises=TypeError, reason="a deep copy of an edited model needs HoReNEditor and Codebook "
-                                            "to deep-copy with a fresh lock (requested of their owners)")
 def test_copy_true_of_an_edited_model_copies_its_edits(lm, hp):
     model, tok = lm
     first, second = requests()[:2]

@@ -154,8 +154,6 @@ def test_two_threads_editing_one_editor_lose_nothing(edited):
     assert len(ed) == len(FIRST) + 4 and len(set(ed.codebook.ids)) == len(ed)
 
 
-@pytest.mark.xfail(raises=TypeError, reason="needs Codebook.__deepcopy__ giving the copy a fresh lock "
-                                           "(requested of codebook.py's owner); the editor's part is in")
 def test_a_deep_copy_of_an_edited_model_has_its_own_edits_and_lock(edited):
     import copy
 
