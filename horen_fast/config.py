@@ -1,8 +1,10 @@
 """HoReNConfig: every hyper-parameter of the published HoReN runs (SPEC 7), in one dataclass.
 
 Field names are the published YAML keys, plus ``layer`` (the wrapped layer), ``backend`` (the
-retrieval backend) and ``seed`` (cold initialization). ``HoReNConfig.from_yaml`` reads the published
-hyper-parameter files as they are: ``inner_params: [model.layers[29].mlp.down_proj.weight]`` becomes
+retrieval backend), ``seed`` (cold initialization) and ``early_stop_margin`` (None: every edit
+takes ``n_iter`` Adam steps; a number m: an edit stops once each of its target tokens is the argmax
+of the logits by at least m, with ``n_iter`` as the cap; see ``training.Trainer.train``).
+``HoReNConfig.from_yaml`` reads the published hyper-parameter files as they are: ``inner_params: [model.layers[29].mlp.down_proj.weight]`` becomes
 ``layer="model.layers.29.mlp.down_proj"``; GRACE-era keys (eps, dist_fn, eps_expand, num_pert,
 replacement) and EasyEdit bookkeeping keys (alg_name, model_name, device, name, batch_size, ...) are
 accepted and ignored; any other key is an error.
@@ -131,6 +133,8 @@ class HoReNConfig:
     max_length: int = 512
     backend: str = "auto"
     seed: int = 0
+    early_stop_margin: float | None = None
+
 
     def __post_init__(self):
         if self.layer is None:
@@ -168,6 +172,8 @@ class HoReNConfig:
         if not isinstance(self.backend, str):
             raise ValueError(f"backend must be a string such as 'auto', 'torch', 'cpp', 'triton', got {self.backend!r}")
         self.seed = _int("seed", self.seed, lo=0)
+        if self.early_stop_margin is not None:
+            self.early_stop_margin = _float("early_stop_margin", self.early_stop_margin, lo=0.0)
 
     # ---- derived ----------------------------------------------------------------------------
     def retrieval_kwargs(self, with_backend: bool = True) -> dict[str, Any]:

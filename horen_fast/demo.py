@@ -164,14 +164,13 @@ def run_demo(model_name: str = "smollm2", *, layer=None, threshold: float = DEMO
             hit = fact_of.get(entry, -1) if cos > threshold else -1
             good = (a == b) if kind == "unrelated" else a.lower().startswith(f.answer.lower())
             ok[kind] += good
-            where = (f"retrieved edit {hit + 1}, cosine {cos:.2f} > tau" if hit >= 0 else
-                     f"no edit retrieved (best cosine {cos:.2f} <= tau)")
+            where = f"edit {hit + 1}, cosine {cos:.2f}" if hit >= 0 else f"no edit, best cosine {cos:.2f}"
             say(f"   {kind:<11}{yes if good else no:<3}{questions[k]}   [{where}]")
             for label, text in (("before", b), ("after", a)):
                 say(textwrap.fill(text or "(nothing)", width, initial_indent=f"{indent}{label + ':':<8}",
                                   subsequent_indent=indent + " " * 8))
     say()
-    say(f"retrieved: the edit whose key the question's query matched and the cosine (final "
+    say(f"[edit i, cosine c]: the edit whose key the question's query matched and the cosine (final "
         f"Hopfield score); a question takes an edit when the cosine exceeds tau = {threshold}. "
         f"{yes}: edited questions and paraphrases answer the new fact, unrelated ones answer as "
         f"before.")

@@ -134,6 +134,9 @@ class HoReNEditor:
             model.register_forward_hook(self._post_hook, always_call=True),
         ]
         self._attached = True
+        # the model's own generate pins each row's prompt too, so a cache-free model.generate
+        # applies every edit at the prompt's end, not at each newest token
+        inference.pin_generate(self)
 
     def __deepcopy__(self, memo):
         """A deep copy (e.g. of a model carrying this editor) with its own, fresh lock."""
@@ -168,6 +171,7 @@ class HoReNEditor:
             for h in self._hooks:
                 h.remove()
             self._set_child(self.adapter.base)
+            inference.unpin_generate(self.model)
             self._attached = False
 
     def _check(self) -> None:

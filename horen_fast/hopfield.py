@@ -77,11 +77,12 @@ def normalize_queries(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor
     Unusable rows (zero, or any NaN/inf component) become zero with ``valid`` False. The norm is
     computed in float64 after dividing each row by its largest magnitude, so every finite non-zero
     row normalizes correctly however large or small it is (float32 rows with ||x|| from 1e-35 to
-    1e35, float64 rows over the whole float64 range), where a plain float32 norm would overflow or
-    underflow."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"queries must be a 2-D tensor [B, d], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    1e35, float64 rows of normal numbers from about 1e-300 to 1e300), where a plain norm would
+    overflow or underflow."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"queries must be a torch.Tensor [B, d], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"queries must be 2-D [B, d], got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point or not dtype.is_floating_point:
         raise TypeError(f"normalize_queries needs floating dtypes, got queries {x.dtype} and target "
                         f"{dtype}; convert with .float()")
@@ -187,12 +188,12 @@ def exact_best(q: torch.Tensor, keys: torch.Tensor, c: torch.Tensor, positions: 
     if n == 0:
         return best_match(c, positions)
     w = min(window, n)
-    top, col = c.topk(w, dim=1)                                           # [B, w]
+    top, col = c.topk(w, dim=1, sorted=False)                             # [B, w]
     if keys.dim() == 2:
         kw = keys[col.reshape(-1)].reshape(b, w, -1)
     else:
         kw = torch.gather(keys, 1, col[:, :, None].expand(b, w, keys.shape[2]))
-    exact = (kw.to(torch.float64) * q.to(torch.float64)[:, None, :]).sum(dim=2)
+    exact = torch.linalg.vecdot(kw.to(torch.float64), q.to(torch.float64)[:, None, :])  # per-row sums
     exact = torch.where(torch.isfinite(top) | torch.isnan(top), exact, torch.full_like(exact, float("-inf")))
     if positions is None:
         pos = col

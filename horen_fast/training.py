@@ -51,6 +51,7 @@ class Job:
     entry_id: int | None = None  # the codebook entry that will hold it
     entry: torch.Tensor | None = None   # the starting entry (set by the editor), then the trained one
     loss: float | None = None
+    iterations: int | None = None   # Adam steps its entry took (training.Trainer.train)
 
 
 class _Replay(nn.Module):
@@ -206,24 +207,52 @@ class Trainer:
     # ---- optimization ---------------------------------------------------------------------------
     def train(self, jobs: list[Job], config) -> None:
         """Optimize ``job.entry`` of every job together (one row each); sets ``job.entry`` to the
-        trained entry and ``job.loss`` to its final target cross-entropy."""
+        trained entry, ``job.loss`` to its final target cross-entropy and ``job.iterations`` to the
+        Adam steps it took.
+
+        ``config.early_stop_margin`` (None: always ``n_iter`` steps): a row stops as soon as every
+        one of its target tokens is the argmax of its logits by at least that margin (the target's
+        logit minus the largest other logit), read from the logits of the loss pass that the step
+        would use; ``n_iter`` stays the cap. A stopped row's entry no longer changes (its Adam
+        state may, but is never applied again); the others go on. All rows stopped: the loop ends."""
         if config.adapter_mode == "none":
             for job in jobs:
-                job.loss = job.base_loss
+                job.loss, job.iterations = job.base_loss, 0
             return
+        margin = config.early_stop_margin
         run = _Batch(self, jobs)
         entry = torch.stack([job.entry for job in jobs]).detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([entry], lr=config.lr)
+        B = len(jobs)
+        steps = torch.zeros(B, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool, device=entry.device)
+        final = None
         with run:
             for _ in range(config.n_iter):
-                (grad,) = torch.autograd.grad(run.losses(entry).sum(), (entry,))
+                losses, margins = run.losses(entry, margins=margin is not None)
+                if margin is not None:
+                    stop = margins >= margin
+                    done |= stop
+                    if bool(done.all()):
+                        final = losses.detach()
+                        break
+                (grad,) = torch.autograd.grad(losses.sum(), (entry,))
+                if margin is not None and bool(done.any()):
+                    kept = entry.detach()[done].clone()
+                    grad[done] = 0
                 entry.grad = grad
                 opt.step()
-            with torch.no_grad():
-                losses = run.losses(entry).tolist()
+                if margin is not None and bool(done.any()):
+                    with torch.no_grad():
+                        entry[done] = kept
+                steps += (~done).cpu().long()
+            if final is None:
+                with torch.no_grad():
+                    final = run.losses(entry)[0]
         entry = entry.detach()
+        final = final.tolist()
         for i, job in enumerate(jobs):
-            job.entry, job.loss = entry[i], float(losses[i])
+            job.entry, job.loss, job.iterations = entry[i], float(final[i]), int(steps[i])
 
 
 class _Batch:
@@ -289,7 +318,10 @@ class _Batch:
         self.swapped = []
         return False
 
-    def losses(self, entries: torch.Tensor) -> torch.Tensor:
+    def losses(self, entries: torch.Tensor, margins: bool = False):
+        """(each row's mean target cross-entropy [B], and with ``margins`` each row's smallest
+        target margin [B]: the target token's logit minus the largest other logit, over its
+        target positions; else None)."""
         tr = self.trainer
         cache = None
         if self.prefix is not None:
@@ -307,4 +339,13 @@ class _Batch:
                 logits = tr.model(**kw).logits[self.valid]
         logits = logits.double() if logits.dtype == torch.float64 else logits.float()
         ce = F.cross_entropy(logits, self.flat_targets, reduction="none")
-        return ce.new_zeros(len(self.count)).index_add(0, self.rows, ce) / self.count
+        per_row = ce.new_zeros(len(self.count)).index_add(0, self.rows, ce) / self.count
+        if not margins:
+            return per_row, None
+        with torch.no_grad():
+            col = self.flat_targets[:, None]
+            target = logits.gather(1, col)[:, 0]
+            other = logits.scatter(1, col, float("-inf")).max(dim=1).values
+            gap = ce.new_full((len(self.count),), float("inf")).scatter_reduce(
+                0, self.rows, target - other, reduce="amin")
+        return per_row, gap

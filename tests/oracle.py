@@ -33,10 +33,10 @@ def oracle_retrieve(queries, keys, beta=20.0, alpha=0.1, steps=1, threshold=0.85
     knife = np.zeros(B, dtype=bool)
     for b in range(B):
         x = Q[b]
-        norm = np.sqrt(np.sum(x * x)) if np.all(np.isfinite(x)) else np.nan
-        if N == 0 or not np.isfinite(norm) or norm == 0:
+        if N == 0 or not np.all(np.isfinite(x)) or not np.any(x):
             continue
-        q = x / norm
+        x = x / np.max(np.abs(x))  # every finite non-zero row is a direction, however large or small
+        q = x / np.sqrt(np.sum(x * x))
         for _ in range(steps):
             s = beta * (K @ q)
             s = s - s.max()

@@ -92,3 +92,20 @@ def test_scaled_copies_of_a_query_give_the_same_answer(backend, device, exponent
     assert exp.matched.sum() >= 2     # the case is not vacuous
     assert_agrees(res, exp, context=f"{backend} 1e{exponent}")
     assert res.index.tolist() == ref.index.tolist()
+
+
+@pytest.mark.parametrize("backend,device", [
+    pytest.param(b, d, marks=pytest.mark.xfail(strict=True, reason="the C++ kernel squares float64 "
+                                               "queries unscaled (overflow beyond ~1e154)"))
+    if b == "cpp" else (b, d)
+    for b, d in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("exponent", [-300, -200, 200, 300])
+def test_float64_queries_over_the_whole_float64_range(backend, device, exponent):
+    rng = np.random.default_rng(exponent + 1000)
+    keys = torch.tensor(anisotropic_keys(rng, 40, 24)).to(device)
+    base = unit(keys[:5].cpu().numpy() + 0.1 * unit(rng.standard_normal((5, 24))))
+    q = torch.tensor(base * 10.0 ** exponent).to(device)
+    res = retrieve(q, keys, backend=backend, threshold=0.8)
+    exp = oracle_retrieve(q.cpu().numpy(), keys.cpu().numpy(), threshold=0.8)
+    assert exp.matched.sum() >= 3
+    assert_agrees(res, exp, context=f"{backend} on {device} float64 1e{exponent}")

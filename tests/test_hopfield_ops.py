@@ -56,6 +56,8 @@ def test_normalize_rejects_bad_inputs():
         H.normalize_queries(torch.ones(2, 3), torch.int32)
     with pytest.raises(ValueError, match="2-D"):
         H.normalize_queries(torch.ones(3), torch.float32)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        H.normalize_queries(np.ones((2, 3)), torch.float32)
     q, valid = H.normalize_queries(torch.ones(0, 3), torch.float32)
     assert q.shape == (0, 3) and valid.shape == (0,)
 

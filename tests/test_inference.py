@@ -189,20 +189,20 @@ def greedy(fn, tok, prompts, use_cache, n=3):
 def test_a_pinned_model_generate_applies_the_edit_once_with_and_without_the_cache(edited):
     model, tok = edited.model, edited.tokenizer
     prompts = [p for p, _ in EDITS] + ["the river of Spain is"]
+    # attaching an editor pins the model's own generate
+    assert isinstance(model.__dict__["generate"], inference.PinnedGenerate)
     cached = greedy(model.generate, tok, prompts, True)
-    unpinned_free = greedy(model.generate, tok, prompts, False)
-    inference.pin_generate(edited)
-    try:
-        assert isinstance(model.__dict__["generate"], inference.PinnedGenerate)
-        assert greedy(model.generate, tok, prompts, False) == cached
-        assert greedy(model.generate, tok, prompts, True) == cached
-        assert greedy(edited.generate, tok, prompts, False) == cached
-    finally:
-        inference.unpin_generate(model)
-    assert "generate" not in model.__dict__
+    assert greedy(model.generate, tok, prompts, False) == cached
+    assert greedy(edited.generate, tok, prompts, False) == cached
     assert [tok.decode(r[:1]) for r in cached[:2]] == [t for _, t in EDITS]
-    # without the pin, each cache-free step takes its whole sequence as the prompt
-    assert unpinned_free != cached
+    inference.unpin_generate(model)
+    try:
+        assert "generate" not in model.__dict__
+        assert greedy(model.generate, tok, prompts, True) == cached
+        # without the pin, each cache-free step takes its whole sequence as the prompt
+        assert greedy(model.generate, tok, prompts, False) != cached
+    finally:
+        inference.pin_generate(edited)
 
 
 def test_generate_takes_the_input_ids_positionally_or_by_name(edited):

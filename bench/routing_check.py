@@ -1,0 +1,129 @@
+"""Validate the routing-only evaluation (horen_fast/routing.py) against a full sequential run.
+
+``full``: a full ``horen-fast eval``-style run (the same editor: ``evaluate.build_editor``, the same
+``run_sequential``) that also records, at every checkpoint, which codebook entry each edit prompt,
+paraphrase and locality prompt retrieves (``metrics.retrieved_entries``) and each edit's action and
+entry. It writes one JSON file.
+
+``compare``: replays the same records routing-only and compares every decision with a ``full``
+file: each edit's action and entry, and at each checkpoint each prompt's retrieved entry (matched or
+not), then the metrics (Rel/Gen/Loc/OP against Rel_r/Gen_r/Loc_r/OP_r).
+
+    nice python -m bench.routing_check full --n 300 --out /tmp/full300.json
+    nice python -m bench.routing_check full --n 300 --early-stop-margin 1.0 --out /tmp/es300.json
+    python -m bench.routing_check compare --full /tmp/full300.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "zsre_dev.jsonl"
+
+
+def _routes(found, tau):
+    return [int(e) if cos > tau else -1 for e, cos in found]
+
+
+def full(args) -> None:
+    from horen_fast.data import read_records
+    from horen_fast.evaluate import build_editor, run_sequential
+    from horen_fast.metrics import retrieved_entries
+    records = read_records(args.data, args.n)
+    overrides = {}
+    editor, config = build_editor(args.model, progress=False)
+    if args.early_stop_margin is not None:
+        from horen_fast.config import HoReNConfig
+        from horen_fast.editor import HoReNEditor
+        editor.detach()
+        config = HoReNConfig.from_dict({**config.to_dict(), "early_stop_margin": args.early_stop_margin})
+        editor = HoReNEditor(editor.model, editor.tokenizer, config)
+    tau = config.hopfield_key_match_threshold
+    points = []
+
+    def on_checkpoint(body):
+        mark = body["checkpoints"][-1]["n"]
+        recs = records[:mark]
+        prompts = [r.prompt for r in recs] + [r.rephrase for r in recs] + [r.loc_prompt for r in recs]
+        found = retrieved_entries(editor, prompts)
+        routes = _routes(found, tau)
+        points.append({"n": mark, "metrics": body["checkpoints"][-1],
+                       "rel_route": routes[:mark], "gen_route": routes[mark:2 * mark],
+                       "loc_route": routes[2 * mark:], "cosines": [c for _, c in found]})
+        print(f"checkpoint {mark}: {json.dumps({k: body['checkpoints'][-1][k] for k in ('rel', 'gen', 'loc', 'op')})}",
+              file=sys.stderr, flush=True)
+        write(body)
+
+    def write(body):
+        out = {"config": config.to_dict(), "data": str(args.data), "n": len(records), "edit_batch": args.edit_batch,
+               "edits": [{k: r.get(f"edit_{k}") for k in ("id", "action", "iterations", "seconds", "batch_seconds")}
+                         for r in body["records"]],
+               "timings": body["timings"], "checkpoints": points}
+        Path(args.out).write_text(json.dumps(out) + "\n")
+
+    t0 = time.perf_counter()
+    body = run_sequential(editor, records, None, progress=False, edit_batch=args.edit_batch,
+                          on_checkpoint=on_checkpoint)
+    write(body)
+    print(f"done in {time.perf_counter() - t0:.0f} s: {args.out}", file=sys.stderr)
+
+
+def compare(args) -> None:
+    from horen_fast.config import HoReNConfig
+    from horen_fast.data import read_records
+    from horen_fast.models import load_model
+    from horen_fast.routing import routing_run
+    ref = json.loads(Path(args.full).read_text())
+    records = read_records(ref["data"], ref["n"])
+    config = HoReNConfig.from_dict(ref["config"])
+    model, tok = load_model(args.model, progress=False)
+    marks = [p["n"] for p in ref["checkpoints"]]
+    t0 = time.perf_counter()
+    body = routing_run(model, tok, records, config, marks)
+    seconds = time.perf_counter() - t0
+    report = {"seconds": seconds, "n": len(records), "edits": {}, "checkpoints": []}
+    acts = [(e["action"], e["id"]) for e in ref["edits"]]
+    mine = [(a, e) for a, e in zip(body["actions"], body["entry_ids"])]
+    diff = [i for i, (x, y) in enumerate(zip(acts, mine)) if x[0] != y[0] or x[1] != y[1]]
+    report["edits"] = {"compared": len(acts), "differ": len(diff), "first_differences": diff[:10]}
+    for p, q in zip(ref["checkpoints"], body["checkpoints"]):
+        row = {"n": p["n"]}
+        for kind in ("rel", "gen", "loc"):
+            a, b = p[f"{kind}_route"], q["routes"][kind]
+            row[f"{kind}_route_differ"] = sum(x != y for x, y in zip(a, b))
+            row[kind] = p["metrics"][kind]
+            row[f"{kind}_r"] = q[f"{kind}_r"]
+        row["op"], row["op_r"] = p["metrics"]["op"], q["op_r"]
+        report["checkpoints"].append(row)
+    worst = max(abs(r[k] - r[f"{k}_r"]) for r in report["checkpoints"] for k in ("rel", "gen", "loc", "op"))
+    report["max_metric_gap"] = worst
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("full")
+    f.add_argument("--data", default=str(DEFAULT_DATA))
+    f.add_argument("--n", type=int, default=300)
+    f.add_argument("--model", default="smollm2")
+    f.add_argument("--edit-batch", type=int, default=16)
+    f.add_argument("--early-stop-margin", type=float, default=None)
+    f.add_argument("--out", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("--full", required=True)
+    c.add_argument("--model", default="smollm2")
+    c.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    (full if args.cmd == "full" else compare)(args)
+
+
+if __name__ == "__main__":
+    main()
