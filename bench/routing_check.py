@@ -44,6 +44,13 @@ def full(args) -> None:
         editor = HoReNEditor(editor.model, editor.tokenizer, config)
     tau = config.hopfield_key_match_threshold
     points = []
+    iterations = []   # Adam steps per edit (training.Job.iterations), in training order
+    train = editor.trainer.train
+
+    def counting_train(jobs, cfg):
+        train(jobs, cfg)
+        iterations.extend(job.iterations for job in jobs)
+    editor.trainer.train = counting_train
 
     def on_checkpoint(body):
         mark = body["checkpoints"][-1]["n"]
@@ -60,9 +67,9 @@ def full(args) -> None:
 
     def write(body):
         out = {"config": config.to_dict(), "data": str(args.data), "n": len(records), "edit_batch": args.edit_batch,
-               "edits": [{k: r.get(f"edit_{k}") for k in ("id", "action", "iterations", "seconds", "batch_seconds")}
+               "edits": [{k: r.get(f"edit_{k}") for k in ("id", "action", "seconds", "batch_seconds")}
                          for r in body["records"]],
-               "timings": body["timings"], "checkpoints": points}
+               "timings": body["timings"], "iterations": iterations, "checkpoints": points}
         Path(args.out).write_text(json.dumps(out) + "\n")
 
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from .data import EditRecord, left_pad
 from .edits import SAME_KEY_COS, Changes, Decision, decide, edit_label
 from .retrieval import final_scores
 
-__all__ = ["DEFAULTS", "recommended_config", "prompt_queries", "edit_label", "replay_codebook",
+__all__ = ["DEFAULTS", "recommended_config", "prompt_queries", "edit_label", "Replay", "replay", "replay_codebook",
            "RetrievalTable", "retrieval_table", "choose_threshold", "calibrate", "register_cli"]
 
 # Recommended settings of the models horen-fast knows, chosen on the first 300 ZsRE dev records
@@ -82,7 +82,8 @@ def _layer_module(model, layer, editor=None):
 def prompt_queries(model, tokenizer, prompts: Sequence[str], layers: Sequence, strategy: str, *,
                    batch_size: int = 32) -> dict:
     """The (unnormalized) queries of ``prompts`` at each wrapped layer in ``layers`` (indices or
-    module paths): {layer: FloatTensor [len(prompts), d_key]}. ``model`` is a causal LM or a
+    module paths): {layer: tensor [len(prompts), d_key]} (float32, float64 for a float64 model, as
+    ``adapter.build_queries`` makes them). ``model`` is a causal LM or a
     HoReNEditor (its edits are not applied here; queries do not depend on them). Each forward pass
     stops after the deepest requested layer."""
     from .adapter import build_queries
@@ -127,7 +128,7 @@ def prompt_queries(model, tokenizer, prompts: Sequence[str], layers: Sequence, s
             for k, layer in enumerate(layers):
                 q, _ = build_queries(captured[k], mask.to(device) != 0, strategy)
                 for r, i in enumerate(rows):
-                    out[layer][i] = q[r].float().cpu()
+                    out[layer][i] = q[r].cpu()
     finally:
         for h in handles:
             h.remove()
@@ -138,40 +139,71 @@ def prompt_queries(model, tokenizer, prompts: Sequence[str], layers: Sequence, s
 
 # --------------------------------------------------------------------------- codebook replay
 
-def replay_codebook(edit_queries: torch.Tensor, labels: Sequence[tuple], *, threshold: float,
-                    beta: float = 20.0, alpha: float = 0.1, steps: int = 1, eps: float = 1e-5):
-    """The codebook sequential editing builds (SPEC 5.3) from the edit prompts' queries, in order,
-    decided by the editor's own ``edits.decide``: returns (keys [N, d] unit norm, entry labels,
-    entry_of_edit: the entry index each edit ended in, or -1 where a later edit of the same prompt
-    replaced it)."""
-    q = F.normalize(edit_queries.double(), dim=1)
+@dataclass
+class Replay:
+    """What sequential editing did, edit by edit (``replay``)."""
+    actions: list[str]     # per edit: "added" | "reused" | "replaced" (edits.decide)
+    entry_ids: list[int]   # per edit: the entry it was stored in (EditResult.id)
+    entry_of: list[int]    # per edit: the entry holding it now, -1 where a later edit of the same
+                           # prompt replaced it
+
+
+def replay(codebook, queries: torch.Tensor, labels: Sequence[tuple], *, same: Sequence[bool] | None = None,
+           marks: Sequence[int] = (), at_mark=None) -> Replay:
+    """Replay sequential editing on ``codebook`` (empty; build it as the editor builds its own for
+    the editor's decisions: same dtype, retrieval settings and backend): edit i has query
+    ``queries[i]`` and label ``labels[i]``, and is decided by the editor's own ``edits.decide`` and
+    stored by ``edits.Changes`` (values are zeros: decisions never read them).
+
+    ``same[i]`` (optional): False where no earlier edit has (nearly) this very key; such an edit
+    whose label no live entry holds can only be added, and is added without a lookup. Without it
+    every edit is looked up, as the editor does. ``at_mark(k, state)`` is called after the first
+    ``k`` edits for each k in ``marks``, with the Replay so far."""
     labels = [tuple(x) for x in labels]
-    # an earlier edit with (nearly) this very key: the only way a "replace" can happen
-    same = torch.tril(q @ q.T > SAME_KEY_COS, diagonal=-1).any(dim=1).tolist()
-    book = Codebook(q.shape[1], 1, dtype=torch.float64, beta=beta, alpha=alpha, steps=steps,
-                    threshold=threshold, eps=eps, backend="torch")
-    changes = Changes(book)
-    no_value = torch.zeros(1, dtype=torch.float64)
+    changes = Changes(codebook)
+    no_value = torch.zeros(codebook.value_dim, dtype=codebook.dtype, device=codebook.device)
+    q = queries.to(codebook.dtype)
     live_labels: dict[tuple, int] = {}
-    owners: dict[int, list[int]] = {}   # entry id (= storage position: nothing is removed) -> edits
-    entry_of = [-1] * len(labels)
+    owners: dict[int, list[int]] = {}   # entry id -> edits (an entry is never removed here)
+    state = Replay([], [], [])
+    todo = sorted({int(m) for m in marks if 0 < int(m) <= len(labels)})
     for i, label in enumerate(labels):
-        # decide can only reuse where an entry has this label, or replace where one has this key
-        if live_labels.get(label, 0) > 0 or same[i]:
-            decision = decide(book, q[i], label)
+        if same is None or live_labels.get(label, 0) > 0 or same[i]:
+            decision = decide(codebook, q[i], label)
         else:
             decision = Decision("added", None)
         if decision.action == "replaced":
-            old = book.get_labels(decision.entry_id)[0]
+            old = codebook.get_labels(decision.entry_id)[0]
             live_labels[old] -= 1
             for e in owners.pop(decision.entry_id):
-                entry_of[e] = -1
+                state.entry_of[e] = -1
         j = changes.apply(decision, q[i], label, no_value)
         if decision.action != "reused":
             live_labels[label] = live_labels.get(label, 0) + 1
         owners.setdefault(j, []).append(i)
-        entry_of[i] = j
-    return book.keys.clone(), list(book.get_labels(book.ids)) if len(book) else [], entry_of
+        state.actions.append(decision.action)
+        state.entry_ids.append(j)
+        state.entry_of.append(j)
+        while todo and todo[0] == i + 1:
+            todo.pop(0)
+            if at_mark is not None:
+                at_mark(i + 1, state)
+    return state
+
+
+def replay_codebook(edit_queries: torch.Tensor, labels: Sequence[tuple], *, threshold: float,
+                    beta: float = 20.0, alpha: float = 0.1, steps: int = 1, eps: float = 1e-5):
+    """The codebook sequential editing builds (SPEC 5.3) from the edit prompts' queries, in order
+    (``replay`` on a float64 torch codebook): returns (keys [N, d] unit norm, entry labels,
+    entry_of_edit: the entry index each edit ended in, or -1 where a later edit of the same prompt
+    replaced it)."""
+    q = F.normalize(edit_queries.double(), dim=1)
+    # an earlier edit with (nearly) this very key: the only way a "replace" can happen
+    same = torch.tril(q @ q.T > SAME_KEY_COS, diagonal=-1).any(dim=1).tolist()
+    book = Codebook(q.shape[1], 1, dtype=torch.float64, beta=beta, alpha=alpha, steps=steps,
+                    threshold=threshold, eps=eps, backend="torch")
+    done = replay(book, q, labels, same=same)
+    return book.keys.clone(), list(book.get_labels(book.ids)) if len(book) else [], done.entry_of
 
 
 # --------------------------------------------------------------------------- retrieval table

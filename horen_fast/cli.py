@@ -12,15 +12,19 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from contextlib import contextmanager
 
-__all__ = ["CommandError", "bad_input", "one_line", "build_parser", "main"]
+__all__ = ["CommandError", "bad_input", "one_line", "busy_cores", "add_threads_option", "torch_threads",
+           "build_parser", "main"]
 
 _COMMAND_MODULES = [
     # module path, relative to horen_fast (each defines register_cli(subparsers))
     "evaluate",
     "calibrate",
     "demo",
+    "benchmark",
+    "stream",
 ]
 
 
@@ -59,6 +63,58 @@ def bad_input(what: str, hint: str = ""):
         if isinstance(exc, _yaml_error()):
             detail = f"not valid YAML ({detail}); fix the file"
         raise CommandError(f"{what}: {detail}{'; ' + hint if hint else ''}") from exc
+
+
+def busy_cores(interval: float = 0.3) -> float | None:
+    """How many cores other processes keep busy right now (sampled over ``interval`` seconds from
+    /proc/stat; None where it cannot be read). Unlike the load average, which trails the last
+    minute, this does not count a command that has just finished (such as the pip install before
+    the demo in a chained command line)."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]   # user .. steal
+        return sum(fields), fields[3] + fields[4]                  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def add_threads_option(parser) -> None:
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("HOREN_FAST_THREADS", 0)) or None,
+                        help="torch CPU threads (default: torch's choice, or 1 when other processes "
+                             "already keep every core busy; env HOREN_FAST_THREADS)")
+
+
+@contextmanager
+def torch_threads(requested: int | None, command: str):
+    """Run the block with ``requested`` torch CPU threads; when None, with 1 thread if other
+    processes keep all cores but half of one busy right now (torch's worker threads would then wait
+    on each other and a forward pass can take 10x longer), else torch's default. Restores the
+    previous count afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    threads = requested
+    if threads is not None and threads < 1:
+        raise CommandError(f"--threads {threads}: must be at least 1")
+    cores = os.cpu_count() or 1
+    if threads is None and cores > 1 and before > 1:
+        busy = busy_cores()
+        if busy is not None and busy >= cores - 0.5:
+            threads = 1
+            print(f"horen-fast {command}: other processes keep {busy:.1f} of {cores} cores busy: "
+                  f"using 1 torch thread (--threads N to choose)", file=sys.stderr)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _version() -> str:

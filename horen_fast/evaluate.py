@@ -179,11 +179,11 @@ def keep_previous(path) -> Path | None:
     return kept
 
 
-# one style per curve, so that curves on top of each other stay visible: different markers,
-# sizes (the larger drawn first) and line styles
-_STYLES = (("rel", "Reliability", dict(marker="o", markersize=9, linestyle="-", fillstyle="none")),
-           ("gen", "Generalization", dict(marker="s", markersize=6, linestyle="--")),
-           ("loc", "Locality", dict(marker="^", markersize=5, linestyle=":")),
+# one style per curve, so that curves on top of each other stay visible: different markers, sizes
+# and line styles, the wide translucent Reliability line under the others
+_STYLES = (("rel", "Reliability", dict(marker="o", markersize=10, linestyle="-", linewidth=4, alpha=0.45)),
+           ("gen", "Generalization", dict(marker="s", markersize=7, linestyle="--", linewidth=2)),
+           ("loc", "Locality", dict(marker="^", markersize=5, linestyle=":", linewidth=2)),
            ("op", "OP (geometric mean)", dict(marker="x", markersize=5, linestyle="-", color="black",
                                               linewidth=1)))
 
@@ -239,7 +239,7 @@ def threshold_source(model_name: str, config_path=None, threshold=None) -> tuple
         tau = recommended_config(model_name).hopfield_key_match_threshold
     except ValueError:
         return HoReNConfig(layer=0).hopfield_key_match_threshold, "the paper's default, no recommended settings for this model"
-    return tau, f"recommended for {model_name} (calibrated on ZsRE)"
+    return tau, f"recommended for {model_name}, calibrated on ZsRE"
 
 
 def build_editor(model_name: str, *, layer=None, config_path=None, threshold=None, progress=True):
@@ -292,7 +292,7 @@ def _parse_checkpoints(text: str, n: int) -> list[int] | None:
 
 
 def _cmd_eval(args) -> int:
-    from .cli import CommandError
+    from .cli import CommandError, torch_threads
     from .data import RecordsError, read_records
     started = datetime.now(timezone.utc)
     try:
@@ -345,8 +345,11 @@ def _cmd_eval(args) -> int:
             write_report(report_of(body, "complete" if done == len(records) else
                                    f"running: {done} of {len(records)} edits evaluated"), args.out)
     try:
-        body = run_sequential(editor, records, checkpoints, batch_size=args.batch_size,
-                              progress=not args.no_progress, edit_batch=args.edit_batch, on_checkpoint=save)
+        with torch_threads(args.threads, "eval"):
+            body = run_sequential(editor, records, checkpoints, batch_size=args.batch_size,
+                                  progress=not args.no_progress, edit_batch=args.edit_batch,
+                                  on_checkpoint=save)
+            failure_details(editor, body, batch_size=args.batch_size)
     except Interrupted as exc:
         done = exc.body["checkpoints"][-1]["n"] if exc.body else 0
         where = ""
@@ -357,7 +360,6 @@ def _cmd_eval(args) -> int:
         print(f"horen-fast eval: interrupted after {exc.edits_done} of {exc.n} edits (last finished "
               f"checkpoint: {done or 'none'}){where}", file=sys.stderr)
         return 130
-    failure_details(editor, body, batch_size=args.batch_size)
     report = report_of(body, "complete")
     if args.out:
         write_report(report, args.out)
@@ -383,6 +385,7 @@ def _threshold_help() -> str:
 
 
 def register_cli(subparsers) -> None:
+    from .cli import add_threads_option
     p = subparsers.add_parser(
         "eval", help="edit records sequentially and measure Rel/Gen/Loc/OP",
         description="Apply the records' edits one after another and measure, at checkpoints: "
@@ -408,4 +411,5 @@ def register_cli(subparsers) -> None:
     p.add_argument("--plot", default=None, help="draw the metrics against the number of edits (PNG; "
                                                 "needs matplotlib: pip install 'horen-fast[plot]')")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_option(p)
     p.set_defaults(func=_cmd_eval)

@@ -26,8 +26,8 @@ the best final cosine, the match is the FIRST key in storage order, i.e. the low
 ShardedCodebook the lowest rank, then the lowest position in that rank (``best_match`` takes the
 positions to compare, so the same function serves candidates and shards). A matrix product does
 not give identical keys identical dot products (GEMM blocking), so paths that score with one use
-``exact_best``: it rescores each row's best few keys in float64, every key by the same operations,
-before applying the rule; exact duplicate keys then tie exactly.
+``exact_best``: it rescores each row's best few keys, every key by the same reduction, before
+applying the rule; exact duplicate keys then tie exactly.
 
 FINAL-SCORE BOUND (used by the C++ kernel, csrc/horen_cpu.cpp, and the Triton kernels to avoid
 re-reading every key after the last step). Let q be the query of the last step (unit), s_i = q.k_i
@@ -179,9 +179,9 @@ def exact_best(q: torch.Tensor, keys: torch.Tensor, c: torch.Tensor, positions: 
 
     A GEMM does not give identical rows identical dot products (its blocking treats the last rows
     differently), so exact duplicate keys may score one ulp apart in ``c`` [B, N]. The ``window``
-    best columns of each row are therefore rescored in float64, every key by the same sequence of
-    operations, and the tie rule is applied to those exact scores: duplicates of the best key (up
-    to ``window`` of them) tie exactly and the lowest position wins. ``keys`` is [N, d] or
+    best columns of each row are therefore rescored in q's dtype, every key by the same reduction,
+    and the tie rule is applied to those scores: duplicates of the best key (up to ``window`` of
+    them) tie exactly and the lowest position wins. ``keys`` is [N, d] or
     [B, N, d] (each row its own candidates, matching c's columns); absent columns hold -inf in c.
     The returned best has c's dtype."""
     b, n = c.shape
@@ -193,7 +193,7 @@ def exact_best(q: torch.Tensor, keys: torch.Tensor, c: torch.Tensor, positions: 
         kw = keys[col.reshape(-1)].reshape(b, w, -1)
     else:
         kw = torch.gather(keys, 1, col[:, :, None].expand(b, w, keys.shape[2]))
-    exact = torch.linalg.vecdot(kw.to(torch.float64), q.to(torch.float64)[:, None, :])  # per-row sums
+    exact = torch.linalg.vecdot(kw.to(q.dtype), q[:, None, :])  # the same reduction for every key
     exact = torch.where(torch.isfinite(top) | torch.isnan(top), exact, torch.full_like(exact, float("-inf")))
     if positions is None:
         pos = col

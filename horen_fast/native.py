@@ -41,8 +41,8 @@ else:
     _sketch_missing = ""
 
 __all__ = ["ISA_VARIABLE", "ISAS", "RETRIEVE_BUILT", "SKETCH_BUILT", "best_isa", "supported_isas",
-           "cpu_isa", "isa_reasons", "machine", "set_tuning", "retrieve", "sketch_scan", "sketch_rescue", "pair_dots",
-           "sketch_reasons", "pair_dots_reasons"]
+           "cpu_isa", "isa_reasons", "machine", "set_tuning", "retrieve", "retrieve_reasons", "sketch_scan",
+           "sketch_rescue", "sketch_reasons", "pair_dots", "pair_dots_reasons"]
 
 ISA_VARIABLE = "HOREN_FAST_CPU_ISA"
 ISAS = ("auto", "avx512", "avx2", "scalar")

@@ -9,7 +9,7 @@ Hopfield ops of horen_fast/hopfield.py: for each step every rank computes the so
 its own keys (``softmax_partials``: row max m and exp-weighted key sum y); an all_reduce MAX of m,
 ``rescale_partials`` to it and one all_reduce SUM of y give the full softmax's retrieved pattern
 (only these sums cross ranks), and ``damped_update`` takes the step. Final scoring: each rank
-scores its keys with the refined query and takes its best under the tie rule (``best_match``); an
+scores its keys with the refined query and takes its best under the tie rule (``exact_best``, robust to a GEMM's rounding); an
 all_reduce MAX picks the best cosine, an all_reduce MIN over (rank, position) of the keys holding
 it picks the winner, and one all_reduce MAX brings its id to every rank. The tie rule is the one
 of a Codebook and every backend: the first key in storage order, which for a ShardedCodebook is
@@ -42,7 +42,7 @@ import torch.distributed as dist
 from ._files import HoReNFileError, atomic_path
 from .codebook import Codebook
 from .entries import check_ids
-from .hopfield import best_match, damped_update, normalize_queries, rescale_partials, select_match, \
+from .hopfield import damped_update, exact_best, normalize_queries, rescale_partials, select_match, \
     softmax_partials
 from .retrieval import RetrievalResult, check_params, check_tensors, compute_dtype, empty_result
 
@@ -199,7 +199,7 @@ class ShardedCodebook:
             _, y = rescale_partials(m, torch.zeros_like(m), y, top)
             y = self._all_reduce(y.contiguous(), dist.ReduceOp.SUM)
             q, running = damped_update(q, y, running, p.alpha, p.eps)
-        best, pos = best_match(q @ k.T)
+        best, pos = exact_best(q, k, q @ k.T)
         top = self._all_reduce(best.clone(), dist.ReduceOp.MAX)
         big = torch.iinfo(torch.long).max
         holds = (pos >= 0) & (best == top)

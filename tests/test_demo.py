@@ -54,7 +54,7 @@ def test_demo_shows_whole_answers(tiny_folder):
 
 
 def test_busy_cores_is_a_current_measure():
-    from horen_fast.demo import _busy_cores
     import os
-    busy = _busy_cores(0.1)
+    from horen_fast.cli import busy_cores
+    busy = busy_cores(0.1)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9

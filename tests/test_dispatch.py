@@ -128,7 +128,20 @@ def test_cpp_refuses_meta_and_cuda_tensors_with_a_reason():
     with pytest.raises(NotSupportedError, match="cpp") as err:
         retrieve(q, q[:1], backend="cpp")
     assert "meta" in str(err.value)
-    assert dispatch.reasons_for("retrieve", q, q, PARAMS)["cpp"]
+    why = dispatch.reasons_for("retrieve", q, q, PARAMS)["cpp"]
+    assert len(why) >= 2 and all(r in str(err.value) for r in why)  # queries and keys, every reason
+
+
+def test_a_forced_backend_lists_every_reason_at_once():
+    """triton on meta float64 tensors: the device, the queries' dtype and the keys' dtype."""
+    available_backends()
+    q = torch.ones(2, 4, device="meta", dtype=torch.float64)
+    why = dispatch.reasons_for("retrieve", q, q, PARAMS)["triton"]
+    assert len(why) >= 3 and any("meta" in r for r in why)
+    with pytest.raises(NotSupportedError) as err:
+        retrieve(q, q, backend="triton")
+    assert all(r in str(err.value) for r in why)
+    assert dispatch.reasons_for("retrieve", q, q, PARAMS)["torch"] == []
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

@@ -186,3 +186,15 @@ def test_eval_command_reports_bad_data(tmp_path, capsys):
     assert main(["eval", "--data", str(bad), "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "record 1" in err and "rephrase" in err
+
+
+def test_help_names_the_threshold_and_its_source(capsys):
+    from horen_fast.calibrate import recommended_config
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    tau = recommended_config("smollm2").hopfield_key_match_threshold
+    assert f"--model smollm2: {tau} (horen-fast's recommended setting" in text
+    assert "with --config: the file's hopfield_key_match_threshold" in text
+    assert "any other model: the paper's 0.85" in text

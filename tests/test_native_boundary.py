@@ -108,7 +108,8 @@ def _cases(entry):
         yield "beta: nan", {**kw, "beta": float("nan")}, ValueError, "beta must be finite"
     if entry == "pair_dots":
         yield "rows: int32", {**kw, "rows": kw["rows"].int()}, TypeError, "rows must be torch.int64"
-        yield "slots: past the keys", {**kw, "slots": kw["slots"] + 10}, ValueError, "slots must hold indices in [0, 10)"
+        yield "slots: past the keys", {**kw, "slots": kw["slots"] + 10}, ValueError, \
+            "slots must hold indices in [0, 10)"
         yield "rows: negative", {**kw, "rows": kw["rows"] - 3}, ValueError, "rows must hold indices in [0, 3)"
         yield "slots: length", {**kw, "slots": kw["slots"][:5]}, ValueError, "slots must have shape [n=20]"
         yield "keys: columns strided", {**kw, "keys": kw["keys"].T.contiguous().T}, ValueError, \
@@ -117,7 +118,8 @@ def _cases(entry):
         yield "excl: unsorted", {**kw, "excl": kw["excl"].flip(1).contiguous()}, ValueError, "excl must be sorted"
         yield "excl: int32", {**kw, "excl": kw["excl"].int()}, TypeError, "excl must be torch.int64"
         yield "rows_f: fewer rows", {**kw, "rows_f": kw["rows_f"][:-1]}, ValueError, "rows_f must have shape [L=40"
-        yield "qf: other width than rows_f", {**kw, "qf": kw["qf"][:, :8].contiguous()}, ValueError, "rows_f must have shape"
+        yield "qf: other width than rows_f", {**kw, "qf": kw["qf"][:, :8].contiguous()}, ValueError, \
+            "rows_f must have shape"
         rank = "rt" if entry == "scan" else "rs"
         yield f"{rank}: past the coarse part", {**kw, rank: 17}, ValueError, f"{rank} must be in [0, rc=16]"
     if entry == "scan":

@@ -31,7 +31,7 @@ def run_case(backend, rng, n, d, b, dtype=torch.float32, qdtype=torch.float32, *
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(n=st.integers(0, 3000), d=st.integers(1, 1536), b=st.integers(1, 64), steps=st.integers(0, 4),
        beta=st.floats(0.5, 50.0), alpha=st.floats(0.01, 1.0), tau=st.floats(0.3, 0.99),
        seed=st.integers(0, 2**32 - 1))
@@ -100,6 +100,29 @@ def test_ties_pick_lowest_index(backend, device, n, where, steps, dtype):
     hits = exp.matched & np.isin(exp.index, where)
     assert hits.sum() >= 3, exp.best
     assert res.index.cpu()[torch.from_numpy(hits)].tolist() == [min(where)] * int(hits.sum())
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=pytest.mark.xfail(strict=True, reason="the Triton kernels' B > 4 path loses "
+                                            "~3e-5 per step on the cosines (reported to the GPU engineer)"))
+    if b == "triton" else b for b in BACKENDS])
+def test_a_row_does_not_depend_on_its_batch(backend):
+    """Each row alone and inside a batch of 6 or 16 gets the same answer (index exactly, score to
+    float32 rounding). Regression: n=163, d=6, steps=3, beta=24, alpha=1, seed 49941."""
+    rng = np.random.default_rng(49941)
+    keys = torch.tensor(anisotropic_keys(rng, 163, 6)).float()
+    queries = torch.tensor(mixed_queries(rng, keys.double().numpy(), 6, 6)).float()
+    queries = torch.cat([queries, queries[:1] * 3, torch.tensor(unit(rng.standard_normal((9, 6)))).float()])
+    kw = dict(steps=3, beta=24.0, alpha=1.0, threshold=0.5)
+    together = retrieve(queries, keys, backend=backend, **kw)
+    for i in range(queries.shape[0]):
+        alone = retrieve(queries[i:i + 1], keys, backend=backend, **kw)
+        assert alone.index.item() == together.index[i].item(), i
+        torch.testing.assert_close(alone.score[0], together.score[i], atol=2e-6, rtol=0, equal_nan=True)
+    for b in (6, 16):
+        part = retrieve(queries[:b], keys, backend=backend, **kw)
+        assert torch.equal(part.index, together.index[:b])
+        torch.testing.assert_close(part.score, together.score[:b], atol=2e-6, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,6 +12,7 @@ namespace horen {
 
 inline void add_machine_functions(pybind11::module_& m) {
     namespace py = pybind11;
+    machine();  // detect at import, not inside the first (timed) kernel call
     m.def("machine", []() {
         const Machine& mc = machine();
         py::dict d;

@@ -557,7 +557,9 @@ private:
         // threads only when the rows' work (about N comparisons each, more for long candidate walks)
         // is large: a quarter of what pays for a thread in multiply-adds
         const int64_t rows_work = (ne + nb) * N;
-        const int nt = rows_work < min_work_per_thread(isa_) / 4 ? 1 : std::max(1, std::min<int>(p_.nthreads, static_cast<int>(ne + nb)));
+        const int nt = rows_work < min_work_per_thread(isa_) / 4
+                           ? 1
+                           : std::max(1, std::min<int>({p_.nthreads, machine().cpus, static_cast<int>(ne + nb)}));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
         for (int64_t i = 0; i < ne + nb; ++i) {
             if (i < ne) {
@@ -574,7 +576,8 @@ private:
         }
     }
 
-    // Final scoring of a row that took every step, from the bound on its final cosines.
+    // Final scoring of a row that took every step, from the bound on its final cosines
+    // (horen_fast/hopfield.py, FINAL-SCORE BOUND, plus rounding slack), under the tie rule there.
     void bound_score(const BoundRow& br) {
         const int64_t N = p_.N, d = p_.d;
         const F* s = &S_[br.a * N];
