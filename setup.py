@@ -65,7 +65,7 @@ if Pybind11Extension is not None and all(os.path.exists(p) for p in RETRIEVE_SOU
     )
 
 setup(
-    packages=["horen_fast", "horen_fast.backends", "horen_fast.kernels"],
+    packages=["horen_fast", "horen_fast.backends", "horen_fast.hparams", "horen_fast.kernels"],
     package_dir={"horen_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},

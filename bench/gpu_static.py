@@ -159,23 +159,41 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(targets, shapes_b, shapes_n, shapes_d, dtypes, progress=False) -> list[dict]:
+def run_one(tname: str, dt: str, shapes_b, shapes_n, shapes_d) -> list[dict]:
+    """The rows of one target and key dtype, compiled in this process."""
+    from horen_fast.kernels import plan as planner
+    compiler = Compiler()
+    target = planner.TARGETS[tname]
+    rows = [r for d in shapes_d for n in shapes_n for b in shapes_b for r in rows_for(compiler, target, b, n, d, dt)]
+    print(f"{tname} {dt}: {len(compiler.cache)} configurations compiled", file=sys.stderr)
+    return rows
+
+
+def run(targets, shapes_b, shapes_n, shapes_d, dtypes) -> list[dict]:
+    """All rows; each target and dtype compiles in a child process (``--worker``): a long-lived
+    process that compiles hundreds of kernels can crash in Triton's teardown, and children keep
+    that from losing the results."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("bench.gpu_static compiles the kernels: run it without TRITON_INTERPRET=1")
     from horen_fast.kernels import plan as planner
-    compiler = Compiler()
-    rows = []
     for tname in targets:
         if tname not in planner.TARGETS:
             raise SystemExit(f"unknown target {tname!r}; choose from {', '.join(planner.TARGETS)}")
-        target = planner.TARGETS[tname]
+    rows = []
+    root = Path(__file__).resolve().parents[1]
+    for tname in targets:
         for dt in dtypes:
-            for d in shapes_d:
-                for n in shapes_n:
-                    for b in shapes_b:
-                        rows += rows_for(compiler, target, b, n, d, dt)
-            if progress:
-                print(f"{tname} {dt}: {len(compiler.cache)} configurations compiled", file=sys.stderr)
+            out = Path(os.environ.get("TMPDIR", "/tmp")) / f"horen_static_{os.getpid()}_{tname}_{dt}.json"
+            cmd = [sys.executable, "-m", "bench.gpu_static", "--worker", str(out), "--targets", tname,
+                   "--dtypes", dt, *(f"--{flag}={','.join(map(str, v))}" for flag, v in
+                                     (("batch", shapes_b), ("keys", shapes_n), ("width", shapes_d)))]
+            proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+            lines = proc.stderr.splitlines()
+            sys.stderr.write(proc.stderr[-2000:] if not out.exists() else (lines[-1] if lines else "") + "\n")
+            if not out.exists():
+                raise SystemExit(f"compiling for {tname} {dt} failed (exit status {proc.returncode})")
+            rows += json.loads(out.read_text())
+            out.unlink()
     return rows
 
 
@@ -189,6 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", help="comma-separated B values instead of the grid's")
     ap.add_argument("--keys", help="comma-separated N values instead of the grid's")
     ap.add_argument("--width", help="comma-separated d values instead of the grid's")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one target and dtype, rows to this file
     args = ap.parse_args(argv)
     dtypes = args.dtypes.split(",")
     for dt in dtypes:
@@ -203,7 +222,14 @@ def main(argv=None) -> int:
                 ap.error(f"{flag} takes comma-separated integers, got {value!r}")
             if min(shapes[i]) < 1:
                 ap.error(f"{flag} values must be >= 1, got {value!r}")
-    rows = run(args.targets.split(","), *shapes, dtypes, progress=True)
+    if args.worker:
+        rows = run_one(args.targets, dtypes[0], *shapes)
+        tmp = Path(args.worker + ".part")
+        tmp.write_text(json.dumps(rows))
+        tmp.rename(args.worker)
+        sys.stderr.flush()
+        os._exit(0)  # skip interpreter teardown (see run)
+    rows = run(args.targets.split(","), *shapes, dtypes)
     table = markdown(rows)
     print(table)
     if args.json:

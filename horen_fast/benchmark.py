@@ -48,24 +48,13 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _size_bytes(text: str) -> int:
-    text = text.strip().upper()
-    for suffix, mult in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if text.endswith(suffix):
-            return int(text[:-1]) * mult
-    return int(text)
-
-
 def caches() -> dict[str, int]:
-    """Cache sizes in bytes by level ("L1d", "L2", "L3"), read from sysfs (Linux)."""
-    out: dict[str, int] = {}
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    for idx in sorted(base.glob("index*")):
-        level, kind, size = (_read(str(idx / f)) for f in ("level", "type", "size"))
-        if not (level and kind and size) or kind == "Instruction":
-            continue
-        out[f"L{level}" + ("d" if kind == "Data" else "")] = _size_bytes(size)
-    return out
+    """Cache sizes in bytes ("L1d", "L2", "L3") as the C++ kernels detect them (horen_fast.native:
+    sysfs, else sysconf, else cpuid); empty when the extension is not built."""
+    from . import native
+    m = native.machine()
+    return {name: m[key] for name, key in (("L1d", "l1d_bytes"), ("L2", "l2_bytes"), ("L3", "l3_bytes"))
+            if m.get(key)}
 
 
 def cpu_model() -> str:
@@ -76,7 +65,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_isa() -> str:
+def cpu_flags() -> str:
     """The instruction-set extensions that matter to the kernels, as this CPU reports them."""
     flags = set()
     for line in (_read("/proc/cpuinfo") or "").splitlines():
@@ -88,8 +77,11 @@ def cpu_isa() -> str:
 
 
 def machine_info() -> dict:
+    from . import native
+    m = native.machine()
     return {
-        "cpu": cpu_model(), "isa": cpu_isa(), "caches": caches(), "cores": os.cpu_count(),
+        "cpu": cpu_model(), "flags": cpu_flags(), "kernel_isa": native.cpu_isa() if m else None,
+        "caches": caches(), "tile_bytes": m.get("tile_bytes"), "cores": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -198,7 +190,8 @@ def _mem_available() -> int | None:
 
 def format_table(info: dict, probe: dict, rows: list[dict]) -> str:
     c = ", ".join(f"{k} {v >> 10} KiB" if v < (4 << 20) else f"{k} {v >> 20} MiB" for k, v in info["caches"].items())
-    head = [f"CPU: {info['cpu']} ({info['cores']} cores, {info['threads']} torch threads); ISA: {info['isa']}",
+    head = [f"CPU: {info['cpu']} ({info['cores']} cores, {info['threads']} torch threads); "
+            f"flags: {info['flags']}; C++ kernel ISA: {info['kernel_isa']}, tile {info['tile_bytes']} bytes",
             f"caches: {c}; torch {info['torch']}; {info['date']}; load average {info['loadavg_1min']:.2f}",
             f"probed streaming read: {probe['rate'] / 1e9:.1f} GB/s ({probe['bytes'] >> 20} MiB buffer)",
             "", "| N | d | B | keys | impl | median ms | vs published | x one read | key GB/s |",

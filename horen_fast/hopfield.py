@@ -29,7 +29,7 @@ not give identical keys identical dot products (GEMM blocking), so paths that sc
 ``exact_best``: it rescores each row's best few keys, every key by the same reduction, before
 applying the rule; exact duplicate keys then tie exactly.
 
-FINAL-SCORE BOUND (used by the C++ kernel, csrc/horen_cpu.cpp, and the Triton kernels to avoid
+FINAL-SCORE BOUND (used by the C++ kernel, csrc/retrieve/kernel.cpp, and the Triton kernels to avoid
 re-reading every key after the last step). Let q be the query of the last step (unit), s_i = q.k_i
 its cosines, r the retrieved pattern, u = (1 - alpha) q + alpha r. The final cosine is
 c_i = ((1 - alpha) s_i + alpha r.k_i) / ||u||. Write rho = r.q and sigma = ||r - rho q||. Since

@@ -197,7 +197,9 @@ def _plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **over
             threads = 32 * num_warps
             # whole rows when q, the accumulator, the key tile and their product fit in about
             # 128 registers per thread (two CTAs per SM); the widest such tile of 4, 2 or 1 keys
-            fits = [bn for bn in (4, 2, 1) if (2 * block_b + bn + block_b * bn) * d_pad <= 128 * threads]
+            # (rows + keys <= 5: 2 x 2 spills on sm_100, bench/gpu_static.py)
+            fits = [bn for bn in (4, 2, 1) if block_b + bn <= 5
+                    and (2 * block_b + bn + block_b * bn) * d_pad <= 128 * threads]
             one_chunk = bool(fits)
             if one_chunk:
                 block_n = fits[0]

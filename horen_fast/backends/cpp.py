@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch, native
-from ..hopfield import RetrievalResult
+from ..hopfield import RetrievalResult, normalize_queries
 from ..retrieval import RetrievalParams, compute_dtype
 
 # the key dtypes the kernel reads as they are; others (e.g. float8) are widened once
@@ -35,7 +35,10 @@ def kernel_keys(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def retrieve_cpp(queries: torch.Tensor, keys: torch.Tensor, params: RetrievalParams) -> RetrievalResult:
     dtype = compute_dtype(queries, keys)
-    q = queries.detach().to(dtype).contiguous()
+    if dtype == torch.float64:  # the kernel squares float64 rows unscaled: normalize them here
+        q = normalize_queries(queries.detach(), dtype)[0].contiguous()
+    else:
+        q = queries.detach().to(dtype).contiguous()
     k = kernel_keys(keys, dtype)
     b = q.shape[0]
     index = torch.empty(b, dtype=torch.long)
