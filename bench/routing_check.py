@@ -85,15 +85,18 @@ def compare(args) -> None:
     from horen_fast.models import load_model
     from horen_fast.routing import routing_run
     ref = json.loads(Path(args.full).read_text())
-    records = read_records(ref["data"], ref["n"])
+    marks = [p["n"] for p in ref["checkpoints"]]   # the checkpoints the full run finished
+    if not marks:
+        raise SystemExit(f"{args.full}: no finished checkpoint yet")
+    records = read_records(ref["data"], marks[-1])
     config = HoReNConfig.from_dict(ref["config"])
     model, tok = load_model(args.model, progress=False)
-    marks = [p["n"] for p in ref["checkpoints"]]
     t0 = time.perf_counter()
     body = routing_run(model, tok, records, config, marks)
     seconds = time.perf_counter() - t0
-    report = {"seconds": seconds, "n": len(records), "edits": {}, "checkpoints": []}
-    acts = [(e["action"], e["id"]) for e in ref["edits"]]
+    report = {"seconds": seconds, "n": len(records), "of": ref["n"], "edits": {}, "checkpoints": [],
+              "distinct_prompts": body["distinct_prompts"], "timings": body["timings"]}
+    acts = [(e["action"], e["id"]) for e in ref["edits"][: marks[-1]]]
     mine = [(a, e) for a, e in zip(body["actions"], body["entry_ids"])]
     diff = [i for i, (x, y) in enumerate(zip(acts, mine)) if x[0] != y[0] or x[1] != y[1]]
     report["edits"] = {"compared": len(acts), "differ": len(diff), "first_differences": diff[:10]}

@@ -276,17 +276,16 @@ def build_editor(model_name: str, *, layer=None, config_path=None, threshold=Non
 
 # --------------------------------------------------------------------------- command line
 
-def _parse_checkpoints(text: str, n: int) -> list[int] | None:
+def _parse_checkpoints(text: str) -> list[int] | None:
+    from .cli import CommandError
     if text == "geometric":
         return None
     try:
         marks = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        from .cli import CommandError
         raise CommandError(f"--checkpoints {text!r}: expected comma-separated edit counts (e.g. 10,100) "
                            f"or 'geometric'") from None
     if any(m < 1 for m in marks):
-        from .cli import CommandError
         raise CommandError(f"--checkpoints {text!r}: edit counts must be >= 1")
     return marks
 
@@ -299,7 +298,7 @@ def _cmd_eval(args) -> int:
         records = read_records(args.data, args.n)
     except RecordsError as exc:
         raise CommandError(str(exc)) from None
-    checkpoints = _parse_checkpoints(args.checkpoints, len(records))
+    checkpoints = _parse_checkpoints(args.checkpoints)
     if args.plot:
         try:
             import matplotlib  # noqa: F401

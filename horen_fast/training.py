@@ -15,6 +15,9 @@ the forward's keyword names). Per batch of edits:
    positions (when the architecture's logits are a plain head). Gradients are taken for the entry
    only (``torch.autograd.grad``; parameters are frozen): no weight gradient is ever computed.
    An edit's loss reads only its own entry and Adam is elementwise, so a batch equals one by one.
+   With ``config.early_stop_margin`` an edit stops once its target tokens are the argmax by that
+   margin (read from the logits the loss already computes; ``n_iter`` stays the cap) and leaves
+   the batch; ``Job.iterations`` records its steps.
 """
 from __future__ import annotations
 
@@ -212,47 +215,64 @@ class Trainer:
 
         ``config.early_stop_margin`` (None: always ``n_iter`` steps): a row stops as soon as every
         one of its target tokens is the argmax of its logits by at least that margin (the target's
-        logit minus the largest other logit), read from the logits of the loss pass that the step
-        would use; ``n_iter`` stays the cap. A stopped row's entry no longer changes (its Adam
-        state may, but is never applied again); the others go on. All rows stopped: the loop ends."""
+        logit minus the largest other logit), read from the logits of the loss pass that its next
+        step would use; ``n_iter`` stays the cap. A stopped row leaves the batch: its entry no
+        longer changes and later passes run only the rows still training (their Adam state carried
+        over), so a batch costs the sum of its rows' steps, not the slowest row's."""
         if config.adapter_mode == "none":
             for job in jobs:
                 job.loss, job.iterations = job.base_loss, 0
             return
         margin = config.early_stop_margin
-        run = _Batch(self, jobs)
+        live = list(range(len(jobs)))
+        steps = [0] * len(jobs)
         entry = torch.stack([job.entry for job in jobs]).detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([entry], lr=config.lr)
-        B = len(jobs)
-        steps = torch.zeros(B, dtype=torch.long)
-        done = torch.zeros(B, dtype=torch.bool, device=entry.device)
-        final = None
-        with run:
+        run = _Batch(self, jobs).__enter__()
+        try:
             for _ in range(config.n_iter):
                 losses, margins = run.losses(entry, margins=margin is not None)
-                if margin is not None:
-                    stop = margins >= margin
-                    done |= stop
-                    if bool(done.all()):
-                        final = losses.detach()
+                stop = (margins >= margin).tolist() if margin is not None else [False] * len(live)
+                if any(stop):
+                    done = losses.detach().tolist()
+                    for k, i in enumerate(live):
+                        if stop[k]:
+                            jobs[i].entry, jobs[i].loss = entry[k].detach().clone(), float(done[k])
+                    keep = [k for k, s in enumerate(stop) if not s]
+                    live = [live[k] for k in keep]
+                    if not live:
                         break
                 (grad,) = torch.autograd.grad(losses.sum(), (entry,))
-                if margin is not None and bool(done.any()):
-                    kept = entry.detach()[done].clone()
-                    grad[done] = 0
+                if any(stop):
+                    entry, opt, grad = _keep_rows(entry, opt, grad, keep, config.lr)
+                    run.__exit__(None, None, None)
+                    run = _Batch(self, [jobs[i] for i in live]).__enter__()
                 entry.grad = grad
                 opt.step()
-                if margin is not None and bool(done.any()):
-                    with torch.no_grad():
-                        entry[done] = kept
-                steps += (~done).cpu().long()
-            if final is None:
+                for i in live:
+                    steps[i] += 1
+            if live:
                 with torch.no_grad():
-                    final = run.losses(entry)[0]
-        entry = entry.detach()
-        final = final.tolist()
-        for i, job in enumerate(jobs):
-            job.entry, job.loss, job.iterations = entry[i], float(final[i]), int(steps[i])
+                    final = run.losses(entry)[0].tolist()
+                for k, i in enumerate(live):
+                    jobs[i].entry, jobs[i].loss = entry[k].detach().clone(), float(final[k])
+        finally:
+            run.__exit__(None, None, None)
+        for job, n in zip(jobs, steps):
+            job.iterations = n
+
+
+def _keep_rows(entry: torch.Tensor, opt, grad: torch.Tensor, keep: list[int], lr: float):
+    """(entry, Adam optimizer, gradient) restricted to the rows ``keep``, Adam state included:
+    Adam is elementwise, so the kept rows go on exactly as if the others had never been there."""
+    index = torch.tensor(keep, device=entry.device)
+    new = entry.detach()[index].clone().requires_grad_(True)
+    new_opt = torch.optim.Adam([new], lr=lr)
+    old = opt.state.get(entry, {})
+    if old:
+        new_opt.state[new] = {k: (v[index].clone() if torch.is_tensor(v) and v.dim() > 0 else
+                                  (v.clone() if torch.is_tensor(v) else v)) for k, v in old.items()}
+    return new, new_opt, grad[index]
 
 
 class _Batch:

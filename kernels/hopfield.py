@@ -6,7 +6,7 @@ list, built from meta tensors, is what bench/gpu_static.py compiles for each GPU
 static check sees exactly the configurations a call would launch.
 
 Per Hopfield step: small path (B <= 4) ``small_step`` (one visit of each key tile), large path
-``large_scores`` + ``large_wsum``; then ``combine`` (split partials, split over d) and ``update``
+``split`` (q into two bf16 parts) + ``large_scores`` + ``large_wsum``; then ``combine`` (split partials, split over d) and ``update``
 (one program per row). After the last step ``bound`` (each row's best lower bound of the final
 cosines) and ``final`` (exact rescoring of the keys that can still win). No host synchronization
 anywhere: the sequence depends only on the shapes and ``steps``, and is capturable in a CUDA graph.
@@ -110,6 +110,8 @@ def launches(q: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, *, beta: 
     nsplit = p.splits if p.path == "small" else p.wsum_splits
     part = torch.empty(nsplit, B, D, device=dev, dtype=torch.float32) if steps else None
     mpart = torch.empty(nsplit, B, device=dev, dtype=torch.float32) if (steps and p.path == "small") else None
+    qh = torch.empty(B, D, device=dev, dtype=torch.bfloat16) if p.path == "large" else None
+    ql = torch.empty_like(qh) if qh is not None else None
     out = []
     common = dict(num_warps=p.num_warps, num_stages=p.num_stages)
     key_bf16 = keys.dtype == torch.bfloat16
@@ -124,8 +126,11 @@ def launches(q: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, *, beta: 
                 WSUM=steps > 0, LAST=last, COUNT=count), **common))
         else:
             mx = maxes[t]
+            out.append(Launch("split", K.split_kernel, _grid("split", -(-(B * D) // 1024)),
+                              dict(q_ptr=q, qh_ptr=qh, ql_ptr=ql, n=B * D), dict(BLOCK=1024), num_warps=4,
+                              num_stages=1))
             out.append(Launch("large_scores", K.large_scores_kernel, _grid("large_scores", p.splits, p.n_qblocks),
-                              dict(q_ptr=q, k_ptr=keys, s_ptr=s, mx_ptr=mx, kk_ptr=kk, cnt_ptr=cnt, B=B, N=N,
+                              dict(qh_ptr=qh, ql_ptr=ql, k_ptr=keys, s_ptr=s, mx_ptr=mx, kk_ptr=kk, cnt_ptr=cnt, B=B, N=N,
                                    D=D, stride_k=keys.stride(0), stride_s=N, per_split=p.per_split),
                               dict(BLOCK_B=p.block_b, BLOCK_N=p.block_n, BLOCK_D=p.block_d, KEY_BF16=key_bf16,
                                    EMULATE=INTERPRETED, LAST=last, COUNT=count), **common))

@@ -195,11 +195,10 @@ def _plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **over
         if gpu:
             num_warps = 8
             threads = 32 * num_warps
-            # whole rows when q, the accumulator, the key tile and their product fit in about
-            # 128 registers per thread (two CTAs per SM); the widest such tile of 4, 2 or 1 keys
-            # (rows + keys <= 5: 2 x 2 spills on sm_100, bench/gpu_static.py)
-            fits = [bn for bn in (4, 2, 1) if block_b + bn <= 5
-                    and (2 * block_b + bn + block_b * bn) * d_pad <= 128 * threads]
+            # whole rows when q, the accumulator, the key tile and their product come to at most
+            # 104 values per thread (the compiled kernels then stay within 128 registers, two CTAs
+            # per SM, without spills: bench/gpu_static.py); the widest such tile of 4, 2 or 1 keys
+            fits = [bn for bn in (4, 2, 1) if (2 * block_b + bn + block_b * bn) * d_pad <= 104 * threads]
             one_chunk = bool(fits)
             if one_chunk:
                 block_n = fits[0]
@@ -218,8 +217,9 @@ def _plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **over
         score_error = 0.0
     else:
         block_b = min(64, max(16, _pow2_ceil(B)))
-        num_warps = 8 if block_b == 64 and gpu else 4
-        block_n = 64
+        wide = block_b == 64 and gpu  # 8 warps, and narrower key / d tiles: no spills on sm_80
+        num_warps = 8 if wide else 4
+        block_n = 32 if wide else 64
         block_d = 64 if gpu else min(128, max(16, d_pad))
         one_chunk = False
         want = 2 * target.sms if gpu else 2
@@ -235,8 +235,11 @@ def _plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **over
     n_qblocks = _cdiv(B, block_b)
     n_tiles = _cdiv(N, block_n)
     splits, per = _splits(n_tiles, block_n, N, overrides.get("splits") or _cdiv(want, n_qblocks))
-    wsum_block_d = overrides.get("wsum_block_d", (128 if gpu else min(256, max(16, d_pad)))
-                                 if path == "large" else block_d)
+    if path == "large":
+        wsum_block_d = (64 if wide else 128) if gpu else min(256, max(16, d_pad))
+    else:
+        wsum_block_d = block_d
+    wsum_block_d = overrides.get("wsum_block_d", wsum_block_d)
     dchunks = _cdiv(D, wsum_block_d)
     wsplits, wper = _splits(n_tiles, block_n, N,
                             overrides.get("wsum_splits") or _cdiv(want, n_qblocks * dchunks))

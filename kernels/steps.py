@@ -113,10 +113,16 @@ def _split_bf16(x):
 
 @triton.jit
 def _mma(a, b, acc, KEY_BF16: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + a @ b on bf16 tensor cores at about 16 bits: ``a`` float32 split in two bf16 parts;
-    ``b`` (keys) used as is when bfloat16, else split as well (a_hi b_hi + a_lo b_hi + a_hi b_lo).
-    ``EMULATE`` (the interpreter, whose bf16 dot is not numeric) runs the same parts in float32."""
+    """acc + a @ b on bf16 tensor cores at about 16 bits, ``a`` float32 (split in two parts)."""
     a_hi, a_lo = _split_bf16(a)
+    return _mma_split(a_hi, a_lo, b, acc, KEY_BF16, EMULATE)
+
+
+@triton.jit
+def _mma_split(a_hi, a_lo, b, acc, KEY_BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + (a_hi + a_lo) @ b on bf16 tensor cores: ``b`` (keys) used as is when bfloat16, else
+    split in two bf16 parts as well (a_hi b_hi + a_lo b_hi + a_hi b_lo). ``EMULATE`` (the
+    interpreter, whose bf16 dot is not numeric) runs the same parts in float32."""
     if KEY_BF16:
         b_hi = b
     else:
@@ -135,13 +141,24 @@ def _mma(a, b, acc, KEY_BF16: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def large_scores_kernel(q_ptr, k_ptr, s_ptr, mx_ptr, kk_ptr, cnt_ptr,
+def split_kernel(q_ptr, qh_ptr, ql_ptr, n, BLOCK: tl.constexpr):
+    """q (float32) = qh + ql, both bfloat16: the MMA operands of the scores pass, made once."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(q_ptr + i, mask=i < n, other=0.0)
+    hi, lo = _split_bf16(x)
+    tl.store(qh_ptr + i, hi, mask=i < n)
+    tl.store(ql_ptr + i, lo, mask=i < n)
+
+
+@triton.jit
+def large_scores_kernel(qh_ptr, ql_ptr, k_ptr, s_ptr, mx_ptr, kk_ptr, cnt_ptr,
                         B, N, D, stride_k, stride_s, per_split,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         KEY_BF16: tl.constexpr, EMULATE: tl.constexpr, LAST: tl.constexpr,
                         COUNT: tl.constexpr):
-    """B > 4: s = q @ K^T of one key split for one block of query rows (MMAs), and the row max
-    over all keys (atomic max into mx [B], reduced once for the weighted-sum pass)."""
+    """B > 4: s = q @ K^T of one key split for one block of query rows (MMAs on the bf16 parts
+    qh + ql of q), and the row max over all keys (atomic max into mx [B], reduced once for the
+    weighted-sum pass)."""
     pid_s = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -159,11 +176,13 @@ def large_scores_kernel(q_ptr, k_ptr, s_ptr, mx_ptr, kk_ptr, cnt_ptr,
             dd = d0 + tl.arange(0, BLOCK_D)
             dmask = dd < D
             kmask = cmask[:, None] & dmask[None, :]
-            qt = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :],
-                         mask=rmask[:, None] & dmask[None, :], other=0.0)
+            q_off = rows.to(tl.int64)[:, None] * D + dd[None, :]
+            qmask = rmask[:, None] & dmask[None, :]
+            qh = tl.load(qh_ptr + q_off, mask=qmask, other=0.0)
+            ql = tl.load(ql_ptr + q_off, mask=qmask, other=0.0)
             kraw = tl.load(k_rows + dd[None, :], mask=kmask, other=0.0)
             _count(cnt_ptr, 0, kmask, COUNT)
-            acc = _mma(qt, tl.trans(kraw), acc, KEY_BF16, EMULATE)
+            acc = _mma_split(qh, ql, tl.trans(kraw), acc, KEY_BF16, EMULATE)
             if LAST:
                 kt = kraw.to(tl.float32)
                 ksq += tl.sum(kt * kt, axis=1)

@@ -67,7 +67,23 @@ struct KernelSet {
     // block of P elements, the P/2 even elements first, then the P/2 odd ones; the tail (d mod P)
     // stays in natural order. 0 means natural order everywhere.
     int paired_block;
+    // The batched loops (csrc/retrieve/batched.h), for passes of BATCH_MIN or more rows: queries and
+    // sums packed per block of BR rows as [ceil(d / lanes)][BR][lanes] (vector cv of row r at
+    // (cv BR + r) lanes), zero-padded; both run over vectors [cv0, cv1) of d.
+    // part[(j BR + r) lanes + l] += partial products of K[j] and row r of the block at Qp, and
+    // npart[j lanes + l] of K[j] with itself unless npart is null
+    void (*bdot)(const KT* K, int64_t ks, int nj, const F* Qp, int64_t cv0, int64_t cv1, int64_t d, F* part,
+                 F* npart);
+    // the packed sums of one block += sum_j w[r * ws + j] K[j]
+    void (*baxpy)(const KT* K, int64_t ks, int nj, const F* w, int64_t ws, int64_t cv0, int64_t cv1, int64_t d,
+                  F* accp);
+    int64_t chunk;  // vectors of d per call of bdot / baxpy (a block's chunk stays in L1)
+    int lanes;  // elements of F per vector register
 };
+
+// rows of a block of the batched loops, and the rows from which a pass uses them
+constexpr int BR = 8;
+constexpr int64_t BATCH_MIN = 8;
 
 // natural order -> paired order (see KernelSet::paired_block), and back
 template <class F> static void to_paired(const F* src, F* dst, int64_t d, int P) {
@@ -125,7 +141,7 @@ struct Ops {
 };
 using OpsF = Ops<float>;
 using OpsD = Ops<double>;
-constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 4, AXPY_CB = 1;
+constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 4, AXPY_CB = 1, BDOT_JB = 1, BAXPY_CB = 1;
 #define HOREN_KERNEL_BODY 1
 #include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
 #undef HOREN_KERNEL_BODY
@@ -230,7 +246,7 @@ struct OpsD {
         return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
     }
 };
-constexpr int DOT_JB = 4, DOT_BB = 2, AXPY_J = 4, AXPY_CB = 2;
+constexpr int DOT_JB = 4, DOT_BB = 2, AXPY_J = 4, AXPY_CB = 2, BDOT_JB = 1, BAXPY_CB = 1;
 #define HOREN_KERNEL_BODY 1
 #include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
 #undef HOREN_KERNEL_BODY
@@ -314,7 +330,7 @@ struct OpsD {
     static HOREN_INLINE void storet(F* p, V v, int n) { _mm512_mask_storeu_pd(p, m(n), v); }
     static HOREN_INLINE F hsum(V v) { return _mm512_reduce_add_pd(v); }
 };
-constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 8, AXPY_CB = 2;
+constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 8, AXPY_CB = 2, BDOT_JB = 2, BAXPY_CB = 2;
 #define HOREN_KERNEL_BODY 1
 #include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
 #undef HOREN_KERNEL_BODY
@@ -352,6 +368,12 @@ public:
         int64_t t = machine().tile_bytes / key_bytes;
         t = std::max<int64_t>(8, std::min<int64_t>(256, t));
         tile_ = static_cast<int>(t - t % 8);    // whole register blocks of the dot and axpy loops
+        // the batched loops read a tile of keys twice (scores, then sums), each time in chunks of d
+        // with all the tile's keys per chunk: the queries and the sums are read once per tile, so
+        // the tile is large (8 times the tile above: 4 L2s, kept in L3 between its two reads)
+        int64_t bt = 8 * machine().tile_bytes / key_bytes;
+        bt = std::max<int64_t>(8, std::min<int64_t>(512, bt));
+        btile_ = static_cast<int>(bt - bt % 8);
     }
 
     void run() {
@@ -396,6 +418,7 @@ private:
     KernelSet<F, KT> ks_;
     Isa isa_;
     int tile_;
+    int btile_;               // keys per tile of the batched loops
     std::vector<F> q_;        // current unit queries [B, d]
     std::vector<F> S_;        // cosines of the current pass [Ba, N]
     std::vector<F> acc_;      // combined weighted key sums [Ba, d]
@@ -403,6 +426,8 @@ private:
     std::vector<F> mT_;       // per-thread running max [threads, Ba]
     std::vector<F> wT_;       // per-thread softmax weights of a tile [threads, Ba, tile]
     std::vector<F> norms_;    // squared key norms [N] (last pass only)
+    std::vector<F> Qp_;       // packed queries of the batched loops [blocks][d / lanes][BR][lanes]
+    std::vector<F> partT_;    // per-thread partial score vectors of the batched loops
 
     const KT* key(int64_t i) const { return static_cast<const KT*>(p_.k) + i * p_.ks; }
 
@@ -421,17 +446,22 @@ private:
             const bool softmax = p_.steps > 0;
             const bool last = t == passes - 1;
             const int64_t Ba = static_cast<int64_t>(active.size());
-            Qa.resize(Ba * d);
-            for (int64_t a = 0; a < Ba; ++a)
-                to_paired(&q_[active[a] * d], &Qa[a * d], d, ks_.paired_block);
-            pass(Qa.data(), Ba, softmax, softmax && last);
+            const bool batched = Ba >= BATCH_MIN;
+            const int order = batched ? 0 : ks_.paired_block;  // the batched loops keep natural order
+            if (batched) {
+                pass_batched(active, softmax, softmax && last);
+            } else {
+                Qa.resize(Ba * d);
+                for (int64_t a = 0; a < Ba; ++a) to_paired(&q_[active[a] * d], &Qa[a * d], d, order);
+                pass(Qa.data(), Ba, softmax, softmax && last);
+            }
             std::vector<int64_t> next;
             std::vector<BoundRow> bound_rows;
             std::vector<int64_t> exact_rows;   // index into active: final cosines are S_ rows
             for (int64_t a = 0; a < Ba; ++a) {
                 const int64_t b = active[a];
                 if (!softmax) { exact_rows.push_back(a); continue; }
-                from_paired(&acc_[a * d], nat.data(), d, ks_.paired_block);
+                from_paired(&acc_[a * d], nat.data(), d, order);
                 const F* acc = nat.data();
                 const F* q = &q_[b * d];   // natural order; overwritten below only after its last use
                 double rn = std::sqrt(sq_sum(acc, d));
@@ -537,6 +567,113 @@ private:
                 F f = static_cast<F>(std::exp(mu - M));
                 const F* src = &accT_[(static_cast<size_t>(u) * Ba + a) * d];
                 for (int64_t c = 0; c < d; ++c) dst[c] += f * src[c];
+            }
+        }
+    }
+
+    // pass() for Ba >= BATCH_MIN rows with the batched loops (csrc/retrieve/batched.h): the same
+    // results into S_ (Ba rows used of ceil(Ba / BR) BR), norms_ and acc_ (natural order).
+    void pass_batched(const std::vector<int64_t>& active, bool softmax, bool want_norms) {
+        const int64_t N = p_.N, d = p_.d, Ba = static_cast<int64_t>(active.size());
+        const int64_t W = ks_.lanes, dv = (d + W - 1) / W, blocks = (Ba + BR - 1) / BR, Bp = blocks * BR;
+        const int64_t bsize = dv * BR * W;  // elements of one packed block
+        const int nt = threads_for(Ba);
+        const int T = btile_;
+        S_.resize(Bp * N);
+        if (want_norms) norms_.resize(N);
+        Qp_.assign(blocks * bsize, F(0));
+        for (int64_t a = 0; a < Ba; ++a) {
+            const F* src = &q_[active[a] * d];
+            F* dst = &Qp_[(a / BR) * bsize + (a % BR) * W];
+            for (int64_t c0 = 0; c0 < d; c0 += W)  // vector c0 / W of row a % BR
+                std::copy(src + c0, src + std::min(d, c0 + W), dst + (c0 / W) * BR * W);
+        }
+        if (softmax) {
+            accT_.resize(static_cast<size_t>(nt) * blocks * bsize);
+            mT_.assign(static_cast<size_t>(nt) * Bp, -std::numeric_limits<F>::infinity());
+            wT_.resize(static_cast<size_t>(nt) * Bp * T);
+        }
+        const int64_t psize = (blocks * BR + 1) * static_cast<int64_t>(T) * W;  // partials of a thread
+        partT_.resize(static_cast<size_t>(nt) * psize);
+        int64_t chunk = (N + nt - 1) / nt;
+        chunk = (chunk + 3) / 4 * 4;
+        const F beta = static_cast<F>(p_.beta);
+        const F margin = F(8);  // as in pass()
+        const F ninf = -std::numeric_limits<F>::infinity();
+        const int64_t ch = ks_.chunk;
+#pragma omp parallel num_threads(nt)
+        {
+#ifdef _OPENMP
+            const int tid = omp_get_thread_num();
+#else
+            const int tid = 0;
+#endif
+            const int64_t n0 = std::min<int64_t>(N, tid * chunk), n1 = std::min<int64_t>(N, n0 + chunk);
+            F* accT = softmax ? &accT_[static_cast<size_t>(tid) * blocks * bsize] : nullptr;
+            F* m = softmax ? &mT_[static_cast<size_t>(tid) * Bp] : nullptr;
+            F* w = softmax ? &wT_[static_cast<size_t>(tid) * Bp * T] : nullptr;
+            F* part = &partT_[static_cast<size_t>(tid) * psize];
+            if (softmax) std::fill(accT, accT + blocks * bsize, F(0));
+            for (int64_t j0 = n0; j0 < n1; j0 += T) {
+                const int nj = static_cast<int>(std::min<int64_t>(T, n1 - j0));
+                const KT* kp = key(j0);
+                const int64_t pb = static_cast<int64_t>(nj) * BR * W;  // partials of one block
+                F* npart = part + blocks * pb;
+                std::fill(part, npart + nj * W, F(0));
+                for (int64_t cv0 = 0; cv0 < dv; cv0 += ch)
+                    for (int64_t blk = 0; blk < blocks; ++blk)
+                        ks_.bdot(kp, p_.ks, nj, &Qp_[blk * bsize], cv0, std::min(dv, cv0 + ch), d, part + blk * pb,
+                                 want_norms && blk == 0 ? npart : nullptr);
+                for (int64_t blk = 0; blk < blocks; ++blk)
+                    for (int j = 0; j < nj; ++j)
+                        for (int r = 0; r < BR; ++r) {
+                            const F* v = part + blk * pb + (static_cast<int64_t>(j) * BR + r) * W;
+                            F sum = 0;
+                            for (int64_t l = 0; l < W; ++l) sum += v[l];
+                            S_[(blk * BR + r) * N + j0 + j] = sum;
+                        }
+                if (want_norms)
+                    for (int j = 0; j < nj; ++j) {
+                        F sum = 0;
+                        for (int64_t l = 0; l < W; ++l) sum += npart[j * W + l];
+                        norms_[j0 + j] = sum;
+                    }
+                if (!softmax) continue;
+                for (int64_t a = 0; a < Bp; ++a) {
+                    const F* s = &S_[a * N + j0];
+                    F tmax = ninf;
+                    for (int j = 0; j < nj; ++j) tmax = std::max(tmax, beta * s[j]);
+                    if (tmax > m[a] + margin || (m[a] == ninf && tmax > m[a])) {
+                        if (m[a] != ninf) {
+                            const F f = static_cast<F>(std::exp(m[a] - tmax));
+                            F* accb = accT + (a / BR) * bsize + (a % BR) * W;
+                            for (int64_t cv = 0; cv < dv; ++cv) ks_.scale(accb + cv * BR * W, W, f);
+                        }
+                        m[a] = tmax;
+                    }
+                    ks_.weights(s, nj, beta, m[a], w + a * T);
+                }
+                for (int64_t cv0 = 0; cv0 < dv; cv0 += ch)
+                    for (int64_t blk = 0; blk < blocks; ++blk)
+                        ks_.baxpy(kp, p_.ks, nj, w + blk * BR * T, T, cv0, std::min(dv, cv0 + ch), d,
+                                  accT + blk * bsize);
+            }
+        }
+        if (!softmax) return;
+        acc_.assign(Ba * d, F(0));
+        for (int64_t a = 0; a < Ba; ++a) {
+            F M = ninf;
+            for (int u = 0; u < nt; ++u) M = std::max(M, mT_[static_cast<size_t>(u) * Bp + a]);
+            F* dst = &acc_[a * d];
+            for (int u = 0; u < nt; ++u) {
+                const F mu = mT_[static_cast<size_t>(u) * Bp + a];
+                if (!(mu > ninf)) continue;
+                const F f = static_cast<F>(std::exp(mu - M));
+                const F* src = &accT_[static_cast<size_t>(u) * blocks * bsize + (a / BR) * bsize + (a % BR) * W];
+                for (int64_t c0 = 0; c0 < d; c0 += W) {
+                    const F* v = src + (c0 / W) * BR * W;
+                    for (int64_t c = c0; c < std::min(d, c0 + W); ++c) dst[c] += f * v[c - c0];
+                }
             }
         }
     }
@@ -868,6 +1005,8 @@ static void scale_vec(F* x, int64_t n, F c) {
     for (int64_t i = 0; i < n; ++i) x[i] *= c;
 }
 
+#include "batched.h"
+
 template <class F, class KT>
 KernelSet<F, KT> make_kernels() {
     KernelSet<F, KT> k;
@@ -876,6 +1015,10 @@ KernelSet<F, KT> make_kernels() {
     k.weights = &weights_tile<F>;
     k.scale = &scale_vec<F>;
     k.paired_block = std::is_same<KT, bf16_t>::value ? 2 * OpsOf<F>::type::W : 0;
+    k.bdot = &bdot_block<F, KT>;
+    k.baxpy = &baxpy_block<F, KT>;
+    k.lanes = OpsOf<F>::type::W;
+    k.chunk = bchunk<typename OpsOf<F>::type>();
     return k;
 }
 
