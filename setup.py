@@ -4,8 +4,9 @@ horen_fast._sketch (csrc/sketch, the prefilter's sketch passes and pair_dots). N
 are needed at build time: the bindings (csrc/bindings) read and check the tensors through the
 Python API (csrc/common/tensor_args.h). horen_fast/native.py is their only importer.
 
-A failed C++ build does not fail the install: horen_fast then falls back to the torch backend and
-warns once. Set HOREN_FAST_REQUIRE_CPP=1 to make a failed build an error instead.
+A failed C++ build fails the install, so that it is seen (pip hides the warnings of a build that
+succeeds). HOREN_FAST_REQUIRE_CPP=0 installs without the kernels instead: horen_fast then uses
+the torch backend and says why (dispatch reasons) when a C++ kernel is asked for.
 """
 import os
 import sys
@@ -33,8 +34,10 @@ class OptionalBuildExt(build_ext):
             self._warn(exc)
 
     def _warn(self, exc):
-        if os.environ.get("HOREN_FAST_REQUIRE_CPP") == "1":
-            raise exc
+        if os.environ.get("HOREN_FAST_REQUIRE_CPP", "1") != "0":
+            raise RuntimeError(f"horen_fast: the C++ kernels did not build ({exc}). Install a C++17 "
+                               f"compiler with OpenMP (e.g. g++), or set HOREN_FAST_REQUIRE_CPP=0 to "
+                               f"install without them (the torch backend is then used)") from exc
         print(f"WARNING: horen_fast C++ kernel not built ({exc}); the torch backend will be used.",
               file=sys.stderr)
 
@@ -63,6 +66,12 @@ if Pybind11Extension is not None and all(os.path.exists(p) for p in RETRIEVE_SOU
             cxx_std=17,
         )
     )
+
+if not ext_modules and os.environ.get("HOREN_FAST_REQUIRE_CPP", "1") != "0":
+    missing = [p for p in RETRIEVE_SOURCES + SKETCH_SOURCES if not os.path.exists(p)]
+    raise RuntimeError("horen_fast: the C++ kernels cannot be built: "
+                       + (f"missing sources {missing}" if missing else "pybind11 is not installed")
+                       + "; set HOREN_FAST_REQUIRE_CPP=0 to install without them")
 
 setup(
     packages=["horen_fast", "horen_fast.backends", "horen_fast.hparams", "horen_fast.kernels"],

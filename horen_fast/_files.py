@@ -120,12 +120,35 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict) -> None
         save_file(cpu, tmp, metadata={"horen_fast": json.dumps(meta, sort_keys=True)})
 
 
+def _denied(path: Path) -> str:
+    try:
+        mode = f"mode {path.stat().st_mode & 0o777:03o}"
+    except OSError:
+        mode = "a folder above it cannot be searched"
+    return f"cannot read it: permission denied ({mode}); chmod u+r {path} or run as its owner"
+
+
+def check_readable(path) -> None:
+    """Raise HoReNFileError (permission denied, with the mode) for a file this process cannot read,
+    before any parser reports it as corrupted."""
+    path = Path(path)
+    try:
+        path.stat()
+    except PermissionError:
+        raise HoReNFileError(path, _denied(path)) from None
+    except FileNotFoundError:
+        return
+    if not os.access(path, os.R_OK):
+        raise HoReNFileError(path, _denied(path))
+
+
 def load_tensors(path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a file written by save_tensors; verify its checksum. ``kind`` names what is expected
     (stored in the metadata as "kind"). Raises HoReNFileError naming the file and the problem."""
     from safetensors import safe_open
 
     path = Path(path)
+    check_readable(path)
     if not path.exists():
         raise HoReNFileError(path, f"no such file (expected a {kind} saved by horen-fast)")
     size = path.stat().st_size
@@ -137,6 +160,8 @@ def load_tensors(path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except HoReNFileError:
         raise
+    except PermissionError:
+        raise HoReNFileError(path, _denied(path)) from None
     except Exception as exc:  # safetensors raises several types for bad headers and short files
         raise HoReNFileError(path, f"not a readable safetensors file (truncated or corrupted?): {exc}") from None
     if raw is None:

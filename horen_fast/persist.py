@@ -24,7 +24,7 @@ import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
-from ._files import HoReNFileError
+from ._files import HoReNFileError, check_readable
 from .codebook import Codebook
 from .config import HoReNConfig
 
@@ -137,6 +137,7 @@ def _manifest(folder: Path) -> dict:
                 "two files may come from different saves; load them with HoReNConfig.from_yaml and "
                 "Codebook.load and save again)") if legacy else ""
         raise HoReNFileError(path, f"missing: not a saved HoReN editor{hint}")
+    check_readable(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -55,9 +55,10 @@ class Launch:
     def signature(self) -> tuple[dict, dict, dict]:
         """(signature, constexprs, attrs) for triton.compile(ASTSource(...)), specialized the way
         the JIT specializes this call (ints equal to 1 become constants; pointers and ints that
-        are multiples of 16 carry the divisibility hint)."""
+        are multiples of 16 carry the divisibility hint; not the kernel's do_not_specialize ints)."""
         sig, const, attrs = {}, dict(self.constexprs), {}
         names = self.kernel.arg_names
+        fixed = {p.name for p in self.kernel.params if p.do_not_specialize}
         for name in names:
             if name in const:
                 sig[name] = "constexpr"
@@ -69,6 +70,9 @@ class Launch:
             elif isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"launch {self.name}: argument {name} has unsupported type {type(v).__name__}")
             elif isinstance(v, int):
+                if name in fixed:
+                    sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                    continue
                 if v == 1:
                     sig[name] = "constexpr"
                     const[name] = 1

@@ -3,7 +3,9 @@
 Keys are loaded in their dtype (float32, bfloat16, float16) and widened to float32 in registers;
 every offset that grows with N or N x d is int64. ``COUNT`` (the traffic-model test, under the
 interpreter) adds the key elements each load touches to ``cnt_ptr``: [0] first visits, [1] the
-small path's second visits, [2] the final pass's key rows, [3] its elements.
+small path's second visits, [2] the final pass's key rows, [3] its elements. Arguments that change
+with every call (B, N and what follows from them) are not specialized (``do_not_specialize``), so a
+growing codebook does not recompile the kernels.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def _online(s, cmask, m, beta_log2e):
     return p, corr, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "stride_s", "per_split"])
 def small_step_kernel(q_ptr, k_ptr, part_ptr, mpart_ptr, s_ptr, kk_ptr, cnt_ptr,
                       B, N, D, stride_k, stride_s, per_split, beta_log2e,
                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -140,7 +142,7 @@ def _mma_split(a_hi, a_lo, b, acc, KEY_BF16: tl.constexpr, EMULATE: tl.constexpr
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def split_kernel(q_ptr, qh_ptr, ql_ptr, n, BLOCK: tl.constexpr):
     """q (float32) = qh + ql, both bfloat16: the MMA operands of the scores pass, made once."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -150,7 +152,7 @@ def split_kernel(q_ptr, qh_ptr, ql_ptr, n, BLOCK: tl.constexpr):
     tl.store(ql_ptr + i, lo, mask=i < n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "stride_s", "per_split"])
 def large_scores_kernel(qh_ptr, ql_ptr, k_ptr, s_ptr, mx_ptr, kk_ptr, cnt_ptr,
                         B, N, D, stride_k, stride_s, per_split,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -194,7 +196,7 @@ def large_scores_kernel(qh_ptr, ql_ptr, k_ptr, s_ptr, mx_ptr, kk_ptr, cnt_ptr,
     tl.atomic_max(mx_ptr + rows, m, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "stride_s", "per_split", "n_dchunks"])
 def large_wsum_kernel(k_ptr, s_ptr, mx_ptr, part_ptr, cnt_ptr,
                       B, N, D, stride_k, stride_s, per_split, n_dchunks, beta_log2e,
                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -227,7 +229,7 @@ def large_wsum_kernel(k_ptr, s_ptr, mx_ptr, part_ptr, cnt_ptr,
              mask=rmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "NSPLIT"])
 def combine_kernel(part_ptr, mpart_ptr, y_ptr, B, D, NSPLIT, beta_log2e,
                    BLOCK_D: tl.constexpr, SCALED: tl.constexpr):
     """y[b, chunk] = sum_j w_j part[j, b, chunk]; w_j = exp(beta (m_j - max_j m_j)) when the
@@ -250,7 +252,7 @@ def combine_kernel(part_ptr, mpart_ptr, y_ptr, B, D, NSPLIT, beta_log2e,
     tl.store(y_ptr + row.to(tl.int64) * D + dd, y, mask=dmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def update_kernel(q_ptr, y_ptr, run_ptr, rowp_ptr, B, D, alpha, eps, BLOCK_D: tl.constexpr):
     """One row: r = y / ||y||, the stop rule ||r - q|| < eps, q <- normalize((1 - a) q + a r) for
     rows still running, and the final-bound constants of the row: rowp[0, b] = (1 - a) + a rho,
@@ -315,7 +317,7 @@ def _bounds(s, kk, rowp_ptr, run_ptr, rows, rmask, B, score_error, slack):
     return lo, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "stride_s"])
 def bound_kernel(s_ptr, kk_ptr, rowp_ptr, run_ptr, valid_ptr, best_ptr, B, N, stride_s,
                  score_error, slack, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """best[b] = max over keys of the lower bound of the final cosine (atomic max)."""
@@ -331,7 +333,7 @@ def bound_kernel(s_ptr, kk_ptr, rowp_ptr, run_ptr, valid_ptr, best_ptr, B, N, st
     tl.atomic_max(best_ptr + rows, tl.max(lo, axis=1), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "N", "stride_s"])
 def final_kernel(q_ptr, k_ptr, s_ptr, kk_ptr, rowp_ptr, run_ptr, valid_ptr, best_ptr, cnt_ptr,
                  B, N, D, stride_k, stride_s, threshold, score_error, slack,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -1,10 +1,14 @@
 """A Codebook survives what used to corrupt it: failed growth, concurrent callers, crafted files,
 coerced labels, NaN values, and tensors that require grad."""
 import gc
+import os
+import textwrap
 import subprocess
 import sys
 import threading
 import weakref
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,3 +325,33 @@ def test_tensors_that_require_grad_are_not_kept_alive():
     assert not cb.values.requires_grad and not cb.keys.requires_grad
     assert cb.values.grad_fn is None and cb.retrieve(torch.randn(2, 64)).score.grad_fn is None
     assert sum(r() is not None for r in refs) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "setuid") or os.geteuid() != 0, reason="needs root to run a child as another user")
+def test_an_unreadable_file_says_permission_denied_not_corrupted():
+    """A mode-000 file, read by an unprivileged user (a child process that drops root)."""
+    import shutil
+    import tempfile
+    tmp_path = Path(tempfile.mkdtemp(prefix="horen-mode000-", dir="/tmp"))
+    path = tmp_path / "cb.safetensors"
+    cb = Codebook(4, 2)
+    cb.add(torch.eye(4)[:1], torch.zeros(1, 2))
+    cb.save(path)
+    os.chmod(path, 0)
+    os.chmod(tmp_path, 0o755)
+    code = textwrap.dedent(f"""
+        import os, sys
+        from horen_fast import Codebook
+        from horen_fast._files import HoReNFileError
+        os.setgid(65534); os.setuid(65534)     # everything is imported: now read as "nobody"
+        try:
+            Codebook.load({str(path)!r})
+        except HoReNFileError as e:
+            print(e)
+        """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "permission denied (mode 000)" in out.stdout and "corrupted" not in out.stdout

@@ -22,10 +22,12 @@ template <class O> constexpr int64_t bchunk() {
 
 // part[j * BR + r] += sum over vectors [cv0, cv1) of K[j] * Q[r] (JB keys, BR rows);
 // with NORM also npart[j] += K[j] * K[j]. Vector cv reads key elements cv W .. cv W + W - 1 (a
-// masked load for the last, partial one).
+// masked load for the last, partial one). Unless pf is null, vector cv of the JB key rows at pf
+// (cv counted from cv0) is prefetched on the way: the keys come in pieces of a chunk per row, too
+// short for the hardware prefetchers to follow.
 template <class O, class KT, int JB, bool NORM>
 static HOREN_INLINE void bdot_chunk(const KT* K, int64_t ks, const typename O::F* Qp, int64_t cv0, int64_t cv1,
-                                    int64_t d, typename O::F* part, typename O::F* npart) {
+                                    int64_t d, typename O::F* part, typename O::F* npart, const KT* pf) {
     using V = typename O::V;
     constexpr int W = O::W;
     V acc[JB][BR];
@@ -42,6 +44,9 @@ static HOREN_INLINE void bdot_chunk(const KT* K, int64_t ks, const typename O::F
         V kv[JB];
 #pragma GCC unroll 16
         for (int j = 0; j < JB; ++j) kv[j] = O::lk(K + j * ks + cv * W);
+        if (pf != nullptr)
+#pragma GCC unroll 16
+            for (int j = 0; j < JB; ++j) __builtin_prefetch(pf + j * ks + (cv - cv0) * W, 0, 3);
         const typename O::F* q = Qp + cv * BR * W;
 #pragma GCC unroll 16
         for (int r = 0; r < BR; ++r) {
@@ -78,31 +83,43 @@ static HOREN_INLINE void bdot_chunk(const KT* K, int64_t ks, const typename O::F
 }
 
 // part[j * BR + r] += the products of vectors [cv0, cv1) of K[j] and of the BR rows of the block at
-// Qp, for j < nj; npart[j] += K[j] . K[j] over them unless npart is null
+// Qp, for j < nj; npart[j] += K[j] . K[j] over them unless npart is null. With prefetch, the key
+// rows two groups ahead (past the last: the first rows' next chunk, up to dv vectors) are
+// prefetched.
+template <class O, class KT, bool NORM>
+static void bdot_rows(const KT* K, int64_t ks, int nj, const typename O::F* Qp, int64_t cv0, int64_t cv1,
+                      int64_t d, typename O::F* part, typename O::F* npart, bool prefetch) {
+    constexpr int W = O::W;
+    const int64_t dv = (d + W - 1) / W;
+    auto ahead = [&](int j, int n) -> const KT* {  // rows j .. j + n - 1, two groups of BDOT_JB later
+        if (!prefetch) return nullptr;
+        const int t = j + 2 * BDOT_JB;
+        if (t + n <= nj) return K + t * ks + cv0 * W;
+        if (t - nj + n > nj || cv1 + (cv1 - cv0) > dv) return nullptr;
+        return K + (t - nj) * ks + cv1 * W;
+    };
+    int j = 0;
+    for (; j + BDOT_JB <= nj; j += BDOT_JB)
+        bdot_chunk<O, KT, BDOT_JB, NORM>(K + j * ks, ks, Qp, cv0, cv1, d, part + j * BR * W,
+                                         NORM ? npart + j * W : nullptr, ahead(j, BDOT_JB));
+    for (; j < nj; ++j)
+        bdot_chunk<O, KT, 1, NORM>(K + j * ks, ks, Qp, cv0, cv1, d, part + j * BR * W, NORM ? npart + j * W : nullptr,
+                                   ahead(j, 1));
+}
+
 template <class F, class KT>
 static void bdot_block(const KT* K, int64_t ks, int nj, const F* Qp, int64_t cv0, int64_t cv1, int64_t d,
-                       F* part, F* npart) {
+                       F* part, F* npart, bool prefetch) {
     using O = typename OpsOf<F>::type;
-    constexpr int W = O::W;
-    int j = 0;
-    if (npart != nullptr) {
-        for (; j + BDOT_JB <= nj; j += BDOT_JB)
-            bdot_chunk<O, KT, BDOT_JB, true>(K + j * ks, ks, Qp, cv0, cv1, d, part + j * BR * W, npart + j * W);
-        for (; j < nj; ++j)
-            bdot_chunk<O, KT, 1, true>(K + j * ks, ks, Qp, cv0, cv1, d, part + j * BR * W, npart + j * W);
-    } else {
-        for (; j + BDOT_JB <= nj; j += BDOT_JB)
-            bdot_chunk<O, KT, BDOT_JB, false>(K + j * ks, ks, Qp, cv0, cv1, d, part + j * BR * W, nullptr);
-        for (; j < nj; ++j)
-            bdot_chunk<O, KT, 1, false>(K + j * ks, ks, Qp, cv0, cv1, d, part + j * BR * W, nullptr);
-    }
+    if (npart != nullptr) bdot_rows<O, KT, true>(K, ks, nj, Qp, cv0, cv1, d, part, npart, prefetch);
+    else bdot_rows<O, KT, false>(K, ks, nj, Qp, cv0, cv1, d, part, nullptr, prefetch);
 }
 
 // acc vectors [cv, cv + CB) of the BR rows += sum_j w[r * ws + j] K[j]; with TAIL (CB = 1) the
 // vector is the partial last one (n elements)
 template <class O, class KT, int CB, bool TAIL>
 static HOREN_INLINE void baxpy_cols(const KT* K, int64_t ks, int nj, const typename O::F* w, int64_t ws,
-                                    int64_t cv, int n, typename O::F* accp) {
+                                    int64_t cv, int n, typename O::F* accp, bool prefetch) {
     using V = typename O::V;
     constexpr int W = O::W;
     V a[CB][BR];
@@ -116,6 +133,9 @@ static HOREN_INLINE void baxpy_cols(const KT* K, int64_t ks, int nj, const typen
 #pragma GCC unroll 4
         for (int u = 0; u < CB; ++u)
             kv[u] = TAIL ? O::lkt(K + j * ks + cv * W, n) : O::lk(K + j * ks + (cv + u) * W);
+        if (prefetch)  // the next group of vectors of this row (the rows are read side by side)
+            for (int off = 0; off < CB * W * static_cast<int>(sizeof(KT)); off += 64)
+                __builtin_prefetch(reinterpret_cast<const char*>(K + j * ks + (cv + CB) * W) + off, 0, 3);
 #pragma GCC unroll 16
         for (int r = 0; r < BR; ++r) {
             const V wv = O::set1(w[r * ws + j]);
@@ -130,14 +150,16 @@ static HOREN_INLINE void baxpy_cols(const KT* K, int64_t ks, int nj, const typen
 }
 
 // vectors [cv0, cv1) of the packed sums of one block of BR rows += sum_j w[r * ws + j] K[j], j < nj
+// (prefetching each row's next vectors within [cv0, cv1) when asked)
 template <class F, class KT>
 static void baxpy_block(const KT* K, int64_t ks, int nj, const F* w, int64_t ws, int64_t cv0, int64_t cv1,
-                        int64_t d, F* accp) {
+                        int64_t d, F* accp, bool prefetch) {
     using O = typename OpsOf<F>::type;
     constexpr int W = O::W;
     const int64_t full = std::min<int64_t>(cv1, d / W);
     int64_t cv = cv0;
-    for (; cv + BAXPY_CB <= full; cv += BAXPY_CB) baxpy_cols<O, KT, BAXPY_CB, false>(K, ks, nj, w, ws, cv, W, accp);
-    for (; cv < full; ++cv) baxpy_cols<O, KT, 1, false>(K, ks, nj, w, ws, cv, W, accp);
-    if (cv < cv1) baxpy_cols<O, KT, 1, true>(K, ks, nj, w, ws, cv, static_cast<int>(d - cv * W), accp);
+    for (; cv + BAXPY_CB <= full; cv += BAXPY_CB)
+        baxpy_cols<O, KT, BAXPY_CB, false>(K, ks, nj, w, ws, cv, W, accp, prefetch && cv + 2 * BAXPY_CB <= cv1);
+    for (; cv < full; ++cv) baxpy_cols<O, KT, 1, false>(K, ks, nj, w, ws, cv, W, accp, false);
+    if (cv < cv1) baxpy_cols<O, KT, 1, true>(K, ks, nj, w, ws, cv, static_cast<int>(d - cv * W), accp, false);
 }

@@ -72,11 +72,12 @@ struct KernelSet {
     // (cv BR + r) lanes), zero-padded; both run over vectors [cv0, cv1) of d.
     // part[(j BR + r) lanes + l] += partial products of K[j] and row r of the block at Qp, and
     // npart[j lanes + l] of K[j] with itself unless npart is null
+    // (prefetch: the call that reads these keys first prefetches the ones it reads next)
     void (*bdot)(const KT* K, int64_t ks, int nj, const F* Qp, int64_t cv0, int64_t cv1, int64_t d, F* part,
-                 F* npart);
+                 F* npart, bool prefetch);
     // the packed sums of one block += sum_j w[r * ws + j] K[j]
     void (*baxpy)(const KT* K, int64_t ks, int nj, const F* w, int64_t ws, int64_t cv0, int64_t cv1, int64_t d,
-                  F* accp);
+                  F* accp, bool prefetch);
     int64_t chunk;  // vectors of d per call of bdot / baxpy (a block's chunk stays in L1)
     int lanes;  // elements of F per vector register
 };
@@ -623,7 +624,7 @@ private:
                 for (int64_t cv0 = 0; cv0 < dv; cv0 += ch)
                     for (int64_t blk = 0; blk < blocks; ++blk)
                         ks_.bdot(kp, p_.ks, nj, &Qp_[blk * bsize], cv0, std::min(dv, cv0 + ch), d, part + blk * pb,
-                                 want_norms && blk == 0 ? npart : nullptr);
+                                 want_norms && blk == 0 ? npart : nullptr, blk == 0);
                 for (int64_t blk = 0; blk < blocks; ++blk)
                     for (int j = 0; j < nj; ++j)
                         for (int r = 0; r < BR; ++r) {
@@ -656,7 +657,7 @@ private:
                 for (int64_t cv0 = 0; cv0 < dv; cv0 += ch)
                     for (int64_t blk = 0; blk < blocks; ++blk)
                         ks_.baxpy(kp, p_.ks, nj, w + blk * BR * T, T, cv0, std::min(dv, cv0 + ch), d,
-                                  accT + blk * bsize);
+                                  accT + blk * bsize, blk == 0);
             }
         }
         if (!softmax) return;

@@ -18,7 +18,6 @@ from .. import dispatch
 from ..hopfield import RetrievalResult, best_match, normalize_queries, select_match
 
 try:  # kernels/ is installed as horen_fast.kernels (setup.py package_dir; editable installs too)
-    from .. import kernels as _kernels_pkg  # noqa: F401
     from ..kernels import hopfield as kernels
     from ..kernels import plan as planner
     IMPORT_ERROR = None
