@@ -15,9 +15,12 @@
 #error "csrc/retrieve/batched.h is part of kernel.cpp's instruction-set body"
 #endif
 
+#ifndef HOREN_BCHUNK_BYTES
+#define HOREN_BCHUNK_BYTES 16384
+#endif
 // vectors per chunk of d: BR rows x bchunk vectors of queries or sums = 16 KiB (in L1)
 template <class O> constexpr int64_t bchunk() {
-    return std::max<int64_t>(1, 16384 / (BR * O::W * static_cast<int64_t>(sizeof(typename O::F))));
+    return std::max<int64_t>(1, HOREN_BCHUNK_BYTES / (BR * O::W * static_cast<int64_t>(sizeof(typename O::F))));
 }
 
 // part[j * BR + r] += sum over vectors [cv0, cv1) of K[j] * Q[r] (JB keys, BR rows);
