@@ -6,9 +6,10 @@ list, built from meta tensors, is what bench/gpu_static.py compiles for each GPU
 static check sees exactly the configurations a call would launch.
 
 Per Hopfield step: small path (B <= 4) ``small_step`` (one visit of each key tile), large path
-``split`` (q into two bf16 parts) + ``large_scores`` + ``large_wsum``; then ``combine`` (split partials, split over d) and ``update``
-(one program per row). After the last step ``bound`` (each row's best lower bound of the final
-cosines) and ``final`` (exact rescoring of the keys that can still win). No host synchronization
+``split`` (q into three bf16 parts, for bf16 keys) + ``large_scores`` + ``large_wsum``; then ``combine`` (split
+partials, split over d) and ``update`` (one program per row). After the last step ``bound``
+(each row's best lower bound of the final cosines) and ``final`` (exact rescoring of the keys
+that can still win). No host synchronization
 anywhere: the sequence depends only on the shapes and ``steps``, and is capturable in a CUDA graph.
 """
 from __future__ import annotations
@@ -24,7 +25,6 @@ from . import steps as K
 
 # Triton decides at decoration time whether kernels are interpreted; remember which it was.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-KEY_DTYPES = tuple(planner.DTYPE_BYTES)
 BOUND_SLACK = 1e-5  # cosine units: float32 rounding of s, the norms and the row constants
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                 torch.int32: "i32", torch.int64: "i64"}
@@ -114,11 +114,11 @@ def launches(q: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, *, beta: 
     nsplit = p.splits if p.path == "small" else p.wsum_splits
     part = torch.empty(nsplit, B, D, device=dev, dtype=torch.float32) if steps else None
     mpart = torch.empty(nsplit, B, device=dev, dtype=torch.float32) if (steps and p.path == "small") else None
-    qh = torch.empty(B, D, device=dev, dtype=torch.bfloat16) if p.path == "large" else None
-    ql = torch.empty_like(qh) if qh is not None else None
+    key_bf16 = keys.dtype == torch.bfloat16
+    # the bf16 parts of q for the large path's scores pass (a placeholder for other keys)
+    qp = torch.empty(3 if key_bf16 else 1, B, D if key_bf16 else 1, device=dev, dtype=torch.bfloat16)
     out = []
     common = dict(num_warps=p.num_warps, num_stages=p.num_stages)
-    key_bf16 = keys.dtype == torch.bfloat16
     for t in range(max(steps, 1)):
         last = t == max(steps, 1) - 1
         if p.path == "small":
@@ -130,12 +130,12 @@ def launches(q: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, *, beta: 
                 WSUM=steps > 0, LAST=last, COUNT=count), **common))
         else:
             mx = maxes[t]
-            out.append(Launch("split", K.split_kernel, _grid("split", -(-(B * D) // 1024)),
-                              dict(q_ptr=q, qh_ptr=qh, ql_ptr=ql, n=B * D), dict(BLOCK=1024), num_warps=4,
-                              num_stages=1))
+            if key_bf16:
+                out.append(Launch("split", K.split_kernel, _grid("split", -(-(B * D) // 1024)),
+                                  dict(q_ptr=q, qp_ptr=qp, n=B * D), dict(BLOCK=1024), num_warps=4, num_stages=1))
             out.append(Launch("large_scores", K.large_scores_kernel, _grid("large_scores", p.splits, p.n_qblocks),
-                              dict(qh_ptr=qh, ql_ptr=ql, k_ptr=keys, s_ptr=s, mx_ptr=mx, kk_ptr=kk, cnt_ptr=cnt, B=B, N=N,
-                                   D=D, stride_k=keys.stride(0), stride_s=N, per_split=p.per_split),
+                              dict(q_ptr=q, qp_ptr=qp, k_ptr=keys, s_ptr=s, mx_ptr=mx, kk_ptr=kk, cnt_ptr=cnt,
+                                   B=B, N=N, D=D, stride_k=keys.stride(0), stride_s=N, per_split=p.per_split),
                               dict(BLOCK_B=p.block_b, BLOCK_N=p.block_n, BLOCK_D=p.block_d, KEY_BF16=key_bf16,
                                    EMULATE=INTERPRETED, LAST=last, COUNT=count), **common))
             if steps:

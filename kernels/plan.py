@@ -11,10 +11,12 @@ Two paths (kernels/hopfield.py has the kernels):
   stays in registers; otherwise the tile is scored in d chunks, then re-read (from L2: ``block_n``
   is sized so that the keys streamed by all resident programs between the two visits fit in a
   quarter of L2) into an accumulator slice in global memory owned by the program.
-- ``large`` (B > 4): per step one scores pass (bf16 tensor-core MMAs, the query split into two
-  bf16 parts, fp32/fp16 keys into two as well) writing s [B, N] and the row max (an atomic max:
-  reduced once), then one weighted-sum pass split over keys and d. Keys are read twice per step
-  per block of ``block_b`` query rows.
+- ``large`` (B > 4): per step one scores pass (tensor-core MMAs at float32 accuracy: for
+  bfloat16 keys three bf16 MMAs on the query's three bf16 parts, for float32/float16 keys tf32x3)
+  writing s [B, N] and the row max (an atomic max: reduced once), then one weighted-sum pass split
+  over keys and d (the same MMAs). Keys are read twice per step per block of ``block_b`` query
+  rows. float32-accurate scores keep a row's answer independent of its batch (the small path
+  computes in float32 FMAs); the final decision is rescored exactly in any case.
 
 Both then combine the split partials, take the damped step, bound every key's final cosine with
 the tight bound of horen_fast/hopfield.py (``final_bound``), and rescore exactly (float32) only
@@ -196,9 +198,11 @@ def _plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **over
             num_warps = 8
             threads = 32 * num_warps
             # whole rows when q, the accumulator, the key tile and their product come to at most
-            # 104 values per thread (the compiled kernels then stay within 128 registers, two CTAs
-            # per SM, without spills: bench/gpu_static.py); the widest such tile of 4, 2 or 1 keys
-            fits = [bn for bn in (4, 2, 1) if (2 * block_b + bn + block_b * bn) * d_pad <= 104 * threads]
+            # 96 values per thread and the key tile to 16 (the compiled kernels then stay within
+            # 128 registers, two CTAs per SM, without spills: bench/gpu_static.py); the widest
+            # such tile of 4, 2 or 1 keys
+            fits = [bn for bn in (4, 2, 1) if bn * d_pad <= 16 * threads
+                    and (2 * block_b + bn + block_b * bn) * d_pad <= 96 * threads]
             one_chunk = bool(fits)
             if one_chunk:
                 block_n = fits[0]
@@ -217,15 +221,17 @@ def _plan(B: int, N: int, D: int, key_dtype: torch.dtype, target: Target, **over
         score_error = 0.0
     else:
         block_b = min(64, max(16, _pow2_ceil(B)))
-        wide = block_b == 64 and gpu  # 8 warps, and narrower key / d tiles: no spills on sm_80
+        # 8 warps and narrower key / d tiles for 64-row blocks and tf32x3 (float32/float16
+        # keys): otherwise ptxas spills (bench/gpu_static.py)
+        wide = gpu and (block_b == 64 or key_dtype != torch.bfloat16)
         num_warps = 8 if wide else 4
         block_n = 32 if wide else 64
         block_d = 64 if gpu else min(128, max(16, d_pad))
         one_chunk = False
         want = 2 * target.sms if gpu else 2
-        # bf16 MMAs on split operands: |s - q.k| <= 2^-16 ||k|| per dropped part (one for bf16
-        # keys: q's residual; about three for float32/float16 keys), plus the fp32 accumulation
-        score_error = 2.0**-14 if key_dtype == torch.bfloat16 else 2.0**-13
+        # bf16 keys: q in three bf16 parts (residual 2^-24); other keys: tf32x3 (dropped terms
+        # about 2^-21); both plus the tensor cores' float32 accumulation: |s - q.k| <= 2^-18 ||k||
+        score_error = 2.0**-18
     block_b = overrides.get("block_b", block_b)
     block_n = overrides.get("block_n", block_n)
     block_d = overrides.get("block_d", block_d)

@@ -108,59 +108,64 @@ def small_step_kernel(q_ptr, k_ptr, part_ptr, mpart_ptr, s_ptr, kk_ptr, cnt_ptr,
 
 @triton.jit
 def _split_bf16(x):
-    """x (float32) = hi + lo with both parts in bfloat16, to about 16 mantissa bits."""
+    """x (float32) = hi + mid + lo, three bfloat16 parts: 24 mantissa bits, float32's own."""
     hi = x.to(tl.bfloat16)
-    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+    r = x - hi.to(tl.float32)
+    mid = r.to(tl.bfloat16)
+    return hi, mid, (r - mid.to(tl.float32)).to(tl.bfloat16)
 
 
 @triton.jit
 def _mma(a, b, acc, KEY_BF16: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + a @ b on bf16 tensor cores at about 16 bits, ``a`` float32 (split in two parts)."""
-    a_hi, a_lo = _split_bf16(a)
-    return _mma_split(a_hi, a_lo, b, acc, KEY_BF16, EMULATE)
+    """acc + a @ b at float32 accuracy on tensor cores, ``a`` float32 [M, K], ``b`` keys [K, N]."""
+    if KEY_BF16:
+        a_hi, a_mid, a_lo = _split_bf16(a)
+        acc = _mma_bf16x3(a_hi, a_mid, a_lo, b, acc, EMULATE)
+    elif EMULATE:
+        acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b.to(tl.float32), acc, input_precision="tf32x3")
+    return acc
 
 
 @triton.jit
-def _mma_split(a_hi, a_lo, b, acc, KEY_BF16: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + (a_hi + a_lo) @ b on bf16 tensor cores: ``b`` (keys) used as is when bfloat16, else
-    split in two bf16 parts as well (a_hi b_hi + a_lo b_hi + a_hi b_lo). ``EMULATE`` (the
-    interpreter, whose bf16 dot is not numeric) runs the same parts in float32."""
-    if KEY_BF16:
-        b_hi = b
-    else:
-        b_hi, b_lo = _split_bf16(b.to(tl.float32))
+def _mma_bf16x3(a_hi, a_mid, a_lo, b, acc, EMULATE: tl.constexpr):
+    """acc + (a_hi + a_mid + a_lo) @ b for bfloat16 keys ``b`` (exact in bfloat16): three bf16 MMAs
+    with float32 accumulation, at float32 accuracy. ``EMULATE`` (the interpreter, whose bf16 dot
+    is not numeric) runs the same parts in float32."""
     if EMULATE:
-        acc = tl.dot(a_hi.to(tl.float32), b_hi.to(tl.float32), acc, input_precision="ieee")
-        acc = tl.dot(a_lo.to(tl.float32), b_hi.to(tl.float32), acc, input_precision="ieee")
-        if not KEY_BF16:
-            acc = tl.dot(a_hi.to(tl.float32), b_lo.to(tl.float32), acc, input_precision="ieee")
+        bf = b.to(tl.float32)
+        acc = tl.dot(a_hi.to(tl.float32), bf, acc, input_precision="ieee")
+        acc = tl.dot(a_mid.to(tl.float32), bf, acc, input_precision="ieee")
+        acc = tl.dot(a_lo.to(tl.float32), bf, acc, input_precision="ieee")
     else:
-        acc = tl.dot(a_hi, b_hi, acc)
-        acc = tl.dot(a_lo, b_hi, acc)
-        if not KEY_BF16:
-            acc = tl.dot(a_hi, b_lo, acc)
+        acc = tl.dot(a_hi, b, acc)
+        acc = tl.dot(a_mid, b, acc)
+        acc = tl.dot(a_lo, b, acc)
     return acc
 
 
 @triton.jit(do_not_specialize=["n"])
-def split_kernel(q_ptr, qh_ptr, ql_ptr, n, BLOCK: tl.constexpr):
-    """q (float32) = qh + ql, both bfloat16: the MMA operands of the scores pass, made once."""
+def split_kernel(q_ptr, qp_ptr, n, BLOCK: tl.constexpr):
+    """q (float32) = qp[0] + qp[1] + qp[2] (bfloat16 [3, B, D]): the MMA operands of the scores
+    pass for bfloat16 keys, made once per step."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(q_ptr + i, mask=i < n, other=0.0)
-    hi, lo = _split_bf16(x)
-    tl.store(qh_ptr + i, hi, mask=i < n)
-    tl.store(ql_ptr + i, lo, mask=i < n)
+    hi, mid, lo = _split_bf16(x)
+    tl.store(qp_ptr + i, hi, mask=i < n)
+    tl.store(qp_ptr + n + i, mid, mask=i < n)
+    tl.store(qp_ptr + 2 * n + i, lo, mask=i < n)
 
 
 @triton.jit(do_not_specialize=["B", "N", "stride_s", "per_split"])
-def large_scores_kernel(qh_ptr, ql_ptr, k_ptr, s_ptr, mx_ptr, kk_ptr, cnt_ptr,
+def large_scores_kernel(q_ptr, qp_ptr, k_ptr, s_ptr, mx_ptr, kk_ptr, cnt_ptr,
                         B, N, D, stride_k, stride_s, per_split,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         KEY_BF16: tl.constexpr, EMULATE: tl.constexpr, LAST: tl.constexpr,
                         COUNT: tl.constexpr):
-    """B > 4: s = q @ K^T of one key split for one block of query rows (MMAs on the bf16 parts
-    qh + ql of q), and the row max over all keys (atomic max into mx [B], reduced once for the
-    weighted-sum pass)."""
+    """B > 4: s = q @ K^T of one key split for one block of query rows on tensor cores at float32
+    accuracy (bfloat16 keys: three bf16 MMAs on the parts qp of q; other keys: tf32x3), and the
+    row max over all keys (atomic max into mx [B], reduced once for the weighted-sum pass)."""
     pid_s = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -180,11 +185,16 @@ def large_scores_kernel(qh_ptr, ql_ptr, k_ptr, s_ptr, mx_ptr, kk_ptr, cnt_ptr,
             kmask = cmask[:, None] & dmask[None, :]
             q_off = rows.to(tl.int64)[:, None] * D + dd[None, :]
             qmask = rmask[:, None] & dmask[None, :]
-            qh = tl.load(qh_ptr + q_off, mask=qmask, other=0.0)
-            ql = tl.load(ql_ptr + q_off, mask=qmask, other=0.0)
             kraw = tl.load(k_rows + dd[None, :], mask=kmask, other=0.0)
             _count(cnt_ptr, 0, kmask, COUNT)
-            acc = _mma_split(qh, ql, tl.trans(kraw), acc, KEY_BF16, EMULATE)
+            if KEY_BF16:
+                BD = B * D
+                q_hi = tl.load(qp_ptr + q_off, mask=qmask, other=0.0)
+                q_mid = tl.load(qp_ptr + BD + q_off, mask=qmask, other=0.0)
+                q_lo = tl.load(qp_ptr + 2 * BD + q_off, mask=qmask, other=0.0)
+                acc = _mma_bf16x3(q_hi, q_mid, q_lo, tl.trans(kraw), acc, EMULATE)
+            else:
+                acc = _mma(tl.load(q_ptr + q_off, mask=qmask, other=0.0), tl.trans(kraw), acc, KEY_BF16, EMULATE)
             if LAST:
                 kt = kraw.to(tl.float32)
                 ksq += tl.sum(kt * kt, axis=1)
@@ -202,7 +212,7 @@ def large_wsum_kernel(k_ptr, s_ptr, mx_ptr, part_ptr, cnt_ptr,
                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       KEY_BF16: tl.constexpr, EMULATE: tl.constexpr, COUNT: tl.constexpr):
     """B > 4: part[split, b, chunk] = sum_i exp(beta (s_bi - mx_b)) k_i[chunk] over one key split
-    and one d chunk (MMAs; the weights in [0, 1] split in two bf16 parts)."""
+    and one d chunk (MMAs at float32 accuracy, as in the scores pass)."""
     pid = tl.program_id(0)
     pid_s = pid // n_dchunks
     pid_d = pid % n_dchunks

@@ -142,6 +142,31 @@ def test_other_layouts_are_handled(isa):
     assert res.index.item() == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batched_loops_agree_with_single_row_loops(isa, dtype):
+    """Passes of 8 or more rows run the batched loops (csrc/retrieve/batched.h: blocks of 8 packed
+    rows, d in chunks), fewer rows the single-row loops. Row counts around the blocks, d with
+    several chunks and a partial last vector, tiny tiles on two threads (every tile edge and
+    prefetch): each agrees with the oracle, and every row with the same row retrieved alone."""
+    keys, queries = case(61, 150, 1029, 17, dtype)
+    alone = [retrieve(queries[b:b + 1], keys, backend="cpp", threshold=0.5) for b in range(17)]
+    before = torch.get_num_threads()
+    try:
+        for tiny in (False, True):
+            if tiny:
+                native.set_tuning(tile_bytes=1, work_per_thread=1)
+                torch.set_num_threads(2)
+            for rows in (8, 9, 15, 16, 17):
+                res, exp = check(keys, queries[:rows], f"{isa} {dtype} rows={rows} tiny={tiny}", threshold=0.5)
+                for b in np.flatnonzero(~exp.knife):
+                    assert res.index[b] == alone[b].index[0], f"row {b} of {rows}"
+                    assert abs(float(res.score[b]) - float(alone[b].score[0])) <= 1e-5 or (
+                        res.score[b].isnan() and alone[b].score[0].isnan())
+    finally:
+        torch.set_num_threads(before)
+        native.set_tuning()
+
+
 def test_thread_count_does_not_change_the_result():
     # large enough (2 N d B multiply-adds > 64M) for the kernel to split the keys across threads
     g = torch.Generator().manual_seed(41)

@@ -8,19 +8,16 @@
 // with every accumulator in a register. The queries and the weighted sums are packed per block of
 // BR rows, vector-major ([d / W][BR][W]: one block's chunk is contiguous, so it stays in L1
 // whatever d is; rows d apart would all fall into the same cache sets), zero-padded to whole
-// vectors and whole blocks. The scores run over d in chunks of BCHUNK vectors (the block's query
+// vectors and whole blocks. The scores run over d in chunks of bchunk() vectors (the block's query
 // chunk stays in L1 while every key of the tile passes it), keeping per-(key, row) partial vectors.
 
 #ifndef HOREN_KERNEL_BODY
 #error "csrc/retrieve/batched.h is part of kernel.cpp's instruction-set body"
 #endif
 
-#ifndef HOREN_BCHUNK_BYTES
-#define HOREN_BCHUNK_BYTES 16384
-#endif
 // vectors per chunk of d: BR rows x bchunk vectors of queries or sums = 16 KiB (in L1)
 template <class O> constexpr int64_t bchunk() {
-    return std::max<int64_t>(1, HOREN_BCHUNK_BYTES / (BR * O::W * static_cast<int64_t>(sizeof(typename O::F))));
+    return std::max<int64_t>(1, 16384 / (BR * O::W * static_cast<int64_t>(sizeof(typename O::F))));
 }
 
 // part[j * BR + r] += sum over vectors [cv0, cv1) of K[j] * Q[r] (JB keys, BR rows);
@@ -120,9 +117,11 @@ static void bdot_block(const KT* K, int64_t ks, int nj, const F* Qp, int64_t cv0
 
 // acc vectors [cv, cv + CB) of the BR rows += sum_j w[r * ws + j] K[j]; with TAIL (CB = 1) the
 // vector is the partial last one (n elements)
+constexpr int AHEAD = 4;  // groups of vectors the sums' own prefetch runs ahead of its loads
+
 template <class O, class KT, int CB, bool TAIL>
 static HOREN_INLINE void baxpy_cols(const KT* K, int64_t ks, int nj, const typename O::F* w, int64_t ws,
-                                    int64_t cv, int n, typename O::F* accp, bool prefetch) {
+                                    int64_t cv, int n, typename O::F* accp, const KT* pf, int pfn) {
     using V = typename O::V;
     constexpr int W = O::W;
     V a[CB][BR];
@@ -136,9 +135,13 @@ static HOREN_INLINE void baxpy_cols(const KT* K, int64_t ks, int nj, const typen
 #pragma GCC unroll 4
         for (int u = 0; u < CB; ++u)
             kv[u] = TAIL ? O::lkt(K + j * ks + cv * W, n) : O::lk(K + j * ks + (cv + u) * W);
-        if (prefetch)  // the next group of vectors of this row (the rows are read side by side)
-            for (int off = 0; off < CB * W * static_cast<int>(sizeof(KT)); off += 64)
-                __builtin_prefetch(reinterpret_cast<const char*>(K + j * ks + (cv + CB) * W) + off, 0, 3);
+        if (j < pfn) {  // this row's vectors AHEAD groups on, and the same vectors of the next tile's row j
+            // (a prefetch past the end of the keys is harmless: prefetches never fault)
+            for (int off = 0; off < CB * W * static_cast<int>(sizeof(KT)); off += 64) {
+                __builtin_prefetch(reinterpret_cast<const char*>(K + j * ks + (cv + AHEAD * CB) * W) + off, 0, 3);
+                __builtin_prefetch(reinterpret_cast<const char*>(pf + j * ks + cv * W) + off, 0, 3);
+            }
+        }
 #pragma GCC unroll 16
         for (int r = 0; r < BR; ++r) {
             const V wv = O::set1(w[r * ws + j]);
@@ -152,17 +155,18 @@ static HOREN_INLINE void baxpy_cols(const KT* K, int64_t ks, int nj, const typen
         for (int r = 0; r < BR; ++r) O::store(dst + (u * BR + r) * W, a[u][r]);
 }
 
-// vectors [cv0, cv1) of the packed sums of one block of BR rows += sum_j w[r * ws + j] K[j], j < nj
-// (prefetching each row's next vectors within [cv0, cv1) when asked)
+// vectors [cv0, cv1) of the packed sums of one block of BR rows += sum_j w[r * ws + j] K[j], j < nj,
+// prefetching the same vectors of the pfn key rows at pf (the next tile: its memory traffic
+// overlaps these multiply-adds, and its scores find it in the cache)
 template <class F, class KT>
 static void baxpy_block(const KT* K, int64_t ks, int nj, const F* w, int64_t ws, int64_t cv0, int64_t cv1,
-                        int64_t d, F* accp, bool prefetch) {
+                        int64_t d, F* accp, const KT* pf, int pfn) {
     using O = typename OpsOf<F>::type;
     constexpr int W = O::W;
     const int64_t full = std::min<int64_t>(cv1, d / W);
     int64_t cv = cv0;
     for (; cv + BAXPY_CB <= full; cv += BAXPY_CB)
-        baxpy_cols<O, KT, BAXPY_CB, false>(K, ks, nj, w, ws, cv, W, accp, prefetch && cv + 2 * BAXPY_CB <= cv1);
-    for (; cv < full; ++cv) baxpy_cols<O, KT, 1, false>(K, ks, nj, w, ws, cv, W, accp, false);
-    if (cv < cv1) baxpy_cols<O, KT, 1, true>(K, ks, nj, w, ws, cv, static_cast<int>(d - cv * W), accp, false);
+        baxpy_cols<O, KT, BAXPY_CB, false>(K, ks, nj, w, ws, cv, W, accp, pf, pfn);
+    for (; cv < full; ++cv) baxpy_cols<O, KT, 1, false>(K, ks, nj, w, ws, cv, W, accp, pf, pfn);
+    if (cv < cv1) baxpy_cols<O, KT, 1, true>(K, ks, nj, w, ws, cv, static_cast<int>(d - cv * W), accp, pf, pfn);
 }

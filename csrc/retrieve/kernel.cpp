@@ -75,9 +75,10 @@ struct KernelSet {
     // (prefetch: the call that reads these keys first prefetches the ones it reads next)
     void (*bdot)(const KT* K, int64_t ks, int nj, const F* Qp, int64_t cv0, int64_t cv1, int64_t d, F* part,
                  F* npart, bool prefetch);
-    // the packed sums of one block += sum_j w[r * ws + j] K[j]
+    // the packed sums of one block += sum_j w[r * ws + j] K[j] (prefetching the same vectors of the
+    // pfn key rows at pf, the next tile)
     void (*baxpy)(const KT* K, int64_t ks, int nj, const F* w, int64_t ws, int64_t cv0, int64_t cv1, int64_t d,
-                  F* accp, bool prefetch);
+                  F* accp, const KT* pf, int pfn);
     int64_t chunk;  // vectors of d per call of bdot / baxpy (a block's chunk stays in L1)
     int lanes;  // elements of F per vector register
 };
@@ -370,9 +371,10 @@ public:
         t = std::max<int64_t>(8, std::min<int64_t>(256, t));
         tile_ = static_cast<int>(t - t % 8);    // whole register blocks of the dot and axpy loops
         // the batched loops read a tile of keys twice (scores, then sums), each time in chunks of d
-        // with all the tile's keys per chunk: the queries and the sums are read once per tile, so
-        // the tile is large (8 times the tile above: 4 L2s, kept in L3 between its two reads)
-        int64_t bt = 8 * machine().tile_bytes / key_bytes;
+        // with all the tile's keys per chunk, so that the queries and the sums are read once per
+        // tile; a tile of one L2 (twice the tile above) measured best on Zen 5 at B = 16 to 64
+        // (bench: 16 to 32 KiB chunks and tiles of 1/2 to 4 L2s tried)
+        int64_t bt = 2 * machine().tile_bytes / key_bytes;
         bt = std::max<int64_t>(8, std::min<int64_t>(512, bt));
         btile_ = static_cast<int>(bt - bt % 8);
     }
@@ -654,10 +656,13 @@ private:
                     }
                     ks_.weights(s, nj, beta, m[a], w + a * T);
                 }
+                // block 0 prefetches (the rows of the next tile, or past the keys: harmless)
+                const KT* next = reinterpret_cast<const KT*>(reinterpret_cast<uintptr_t>(kp) +
+                                                             static_cast<uintptr_t>(nj * p_.ks) * sizeof(KT));
                 for (int64_t cv0 = 0; cv0 < dv; cv0 += ch)
                     for (int64_t blk = 0; blk < blocks; ++blk)
                         ks_.baxpy(kp, p_.ks, nj, w + blk * BR * T, T, cv0, std::min(dv, cv0 + ch), d,
-                                  accT + blk * bsize, blk == 0);
+                                  accT + blk * bsize, blk == 0 ? next : nullptr, blk == 0 ? nj : 0);
             }
         }
         if (!softmax) return;

@@ -19,10 +19,9 @@ from ..hopfield import RetrievalResult, best_match, normalize_queries, select_ma
 
 try:  # kernels/ is installed as horen_fast.kernels (setup.py package_dir; editable installs too)
     from ..kernels import hopfield as kernels
-    from ..kernels import plan as planner
     IMPORT_ERROR = None
 except ImportError as exc:  # triton missing, or horen_fast installed without its kernels
-    kernels = planner = None
+    kernels = None
     IMPORT_ERROR = exc
 
 KEY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
