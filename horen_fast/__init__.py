@@ -21,11 +21,16 @@ edit: a unit-norm key and a learned value vector (width: the model's hidden size
 ``Codebook`` stores entries, ``HoReNEditor`` attaches HoReN to a Hugging Face model, and the
 ``horen-fast`` command runs the demo, evaluations and threshold calibration.
 """
+__version__ = "0.1.0"
+
+from .dispatch import NotSupportedError
 from .retrieval import RetrievalResult, available_backends, final_scores, retrieve
+from .prefilter import PrefilterConfig
 from .codebook import Codebook
 from .config import HoReNConfig
 from .editor import EditResult, HoReNEditor
+from . import hparams
 
-__version__ = "0.1.0"
-__all__ = ["retrieve", "final_scores", "RetrievalResult", "available_backends", "Codebook", "HoReNConfig",
-           "HoReNEditor", "EditResult", "__version__"]
+__all__ = ["retrieve", "final_scores", "RetrievalResult", "available_backends", "NotSupportedError",
+           "Codebook", "PrefilterConfig", "HoReNConfig", "HoReNEditor", "EditResult", "hparams",
+           "__version__"]

@@ -1,4 +1,4 @@
-"""HoReNAdapter: the nn.Module that wraps the edited layer (SPEC 1, 2 and 4).
+"""HoReNAdapter: the nn.Module that wraps the edited layer (where HoReN sits, the query, and how a matched value is applied: see the horen_fast package docstring).
 
 Its forward computes the wrapped layer's output ``y = base(x)`` and then does what the adapter's
 ``state`` says (one at a time; each set explicitly, through the public methods below):
@@ -17,7 +17,7 @@ editor's forward pre-hook on the model): a row that begins with one of ``known_p
 (``inference.KnownPrompts``) has that prompt, any other row its non-padding tokens
 (``attention_mask``); without ``begin_pass`` the whole input is the prompt.
 Decode steps (``begin_pass(first=False)``, a pass over a non-empty KV cache) add nothing: their
-cached keys and values already saw the edit (SPEC 4). Rows that match nothing keep ``y`` bit for
+cached keys and values already saw the edit. Rows that match nothing keep ``y`` bit for
 bit.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ __all__ = ["HoReNAdapter", "State", "build_queries", "layer_dims"]
 
 def build_queries(x: torch.Tensor, prompt_mask: torch.Tensor, strategy: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries (SPEC 2) and last prompt positions.
+    """Queries (the layer input over the prompt, reduced by the query strategy and normalized) and last prompt positions.
 
     x: layer input [B, T, d]; prompt_mask: bool [B, T], True on each row's prompt tokens (any
     padding layout). Returns (queries [B, d] in float32, or float64 for float64 input, not yet

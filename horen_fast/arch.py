@@ -108,7 +108,7 @@ def default_layer(model) -> int:
     """The index of the decoder layer whose MLP output projection HoReN edits by default:
     ``int(default_depth * n_layers)`` of the model's entry (the middle layer; 15 of SmolLM2-135M's
     30). ``model`` is a model or its config. The published runs chose near-last layers for 8B
-    models (SPEC 7); pass your own when you know better."""
+    models (layer 29 of 32 for Llama-3.1-8B, 27 of 28 for DeepSeek-R1-Distill-Qwen-1.5B); pass your own when you know better."""
     cfg = getattr(model, "config", model)
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     if not isinstance(n, int) or n < 1:

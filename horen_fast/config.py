@@ -1,4 +1,4 @@
-"""HoReNConfig: every hyper-parameter of the published HoReN runs (SPEC 7), in one dataclass.
+"""HoReNConfig: every hyper-parameter of the published HoReN runs (horen_fast/hparams/ ships them as YAML), in one dataclass.
 
 Field names are the published YAML keys, plus ``layer`` (the wrapped layer), ``backend`` (the
 retrieval backend), ``seed`` (cold initialization) and ``early_stop_margin`` (None: every edit
@@ -39,7 +39,7 @@ _STRATEGY = re.compile(r"^(?:(last_prompt_token)|(first_prompt_token)|last_(\d+)
 
 
 def parse_query_strategy(strategy: str) -> tuple[str, float]:
-    """``(kind, amount)`` for a query selection strategy (SPEC 2):
+    """``(kind, amount)`` for a query selection strategy:
     ("last", 1), ("first", 1), ("last", n) for ``last_{n}_prompt_tokens_avg`` and
     ("perc", p) for ``last_{p}_perc_prompt_tokens_avg``."""
     m = _STRATEGY.match(strategy) if isinstance(strategy, str) else None
@@ -111,7 +111,7 @@ def _bool(name, v):
 
 @dataclass
 class HoReNConfig:
-    """HoReN hyper-parameters; defaults are the paper's (Llama-3.1-8B value-mode run, SPEC 7),
+    """HoReN hyper-parameters; defaults are the paper's (Llama-3.1-8B value-mode run),
     except ``bf16`` (False: the editor never casts the model; a loader may read it)."""
 
     layer: str | int | None = None
@@ -154,7 +154,7 @@ class HoReNConfig:
         self.normalize_codebook_keys = _bool("normalize_codebook_keys", self.normalize_codebook_keys)
         if not self.normalize_codebook_keys:
             raise ValueError("normalize_codebook_keys=false (the un-normalized ablation) is not supported: "
-                             "horen-fast retrieves on the unit sphere (SPEC 3); set it to true")
+                             "horen-fast retrieves on the unit sphere; set it to true")
         parse_query_strategy(self.query_selection_strategy)
         self.hopfield_retrieval_alpha = _float("hopfield_retrieval_alpha", self.hopfield_retrieval_alpha)
         self.hopfield_retrieval_beta = _float("hopfield_retrieval_beta", self.hopfield_retrieval_beta)

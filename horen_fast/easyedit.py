@@ -16,7 +16,7 @@ edits the model in place (``copy=True``: a deep copy) and returns ``(model, weig
 
 * ``model`` is the model itself, with the HoReN adapter on the configured layer and its editor at
   ``model.horen_editor``. Its own forward and generate apply each edit at its prompt's end
-  (SPEC 4): ``model.generate`` pins the prompt (with and without the KV cache, greedy or sampled,
+  (never at a target or generated token): ``model.generate`` pins the prompt (with and without the KV cache, greedy or sampled,
   batched), and every prompt of the requests it was given (prompt, rephrase_prompt, locality and
   portability prompts) is a known prompt (``inference.KnownPrompts``), so EasyEdit's teacher-forced
   scoring of ``prompt + " " + target`` in one forward pass gets the edit at the prompt's last
@@ -42,7 +42,7 @@ What EasyEdit's code cannot do with a registered method: ``batch_edit`` and ``no
 ``batch_size == 1`` for every other method. Edit many records at once with
 ``model.horen_editor.edit_many`` (or EasyEdit's ``edit(..., sequential_edit=True)``).
 
-Which EasyEdit metric differs from horen-fast's own evaluation (SPEC 6), and why: EasyEdit's
+Which EasyEdit metric differs from horen-fast's own evaluation (horen_fast.metrics), and why: EasyEdit's
 default ``rewrite_acc`` / ``rephrase_acc`` are teacher-forced (each target token is the argmax
 after the gold target tokens before it) and its locality compares those argmax tokens over the
 locality prompt + answer before and after editing; horen-fast's Rel / Gen / Loc are greedy
@@ -51,7 +51,7 @@ re-encodes to another length). With the edit applied at the same position the tw
 single-token targets; on longer targets they can differ either way, teacher forcing usually
 higher (one wrong token does not derail the ones after it). EasyEdit's vanilla generation
 (``test_prediction_acc(..., vanilla_generation=True)``, the published harness's metric for
-HOREN: cache-free greedy ``model.generate``) gives SPEC 6's Rel / Gen except the re-encoding rule.
+HOREN: cache-free greedy ``model.generate``) gives horen-fast's Rel / Gen except the re-encoding rule.
 bench/easyedit_run.py runs EasyEdit's real code and prints both.
 """
 from __future__ import annotations

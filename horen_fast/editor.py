@@ -1,4 +1,4 @@
-"""HoReNEditor: edit a Hugging Face causal LM with HoReN (SPEC 1-5).
+"""HoReNEditor: edit a Hugging Face causal LM with HoReN (see the horen_fast package docstring).
 
 The editor installs a ``HoReNAdapter`` in place of one linear layer (the MLP output projection of
 layer L, found through ``horen_fast.arch``), keeps every edit as one entry of a ``Codebook``, and
@@ -21,7 +21,7 @@ is undone, and the codebook is exactly as before the call (same ids, order, keys
 editor may be shared between threads.
 
 At inference the adapter adds each row's matched value at that row's last prompt position at the
-prefill pass (SPEC 4); see ``horen_fast.inference``.
+prefill pass; see ``horen_fast.inference``.
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ class HoReNEditor:
 
     # ---- editing ----------------------------------------------------------------------------
     def edit(self, prompt: str, target: str) -> EditResult:
-        """Make one edit (SPEC 5); returns its EditResult."""
+        """Make one edit (reuse, replace or add an entry, then train its value); returns its EditResult."""
         return self.edit_many([(prompt, target)], progress=False)[0]
 
     def edit_many(self, records: Iterable, progress: bool = True, batch_size: int = 16) -> list[EditResult]:

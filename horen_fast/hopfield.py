@@ -1,4 +1,4 @@
-"""The Hopfield math of HoReN retrieval (SPEC section 3), written once, in torch.
+"""The Hopfield math of HoReN retrieval, written once, in torch.
 
 Every retrieval path is built from these ops: the torch reference backend (all keys at once), the
 FAISS prefilter (each row's candidate keys plus the sketch's modelled tail), the ShardedCodebook

@@ -1,4 +1,4 @@
-"""Where each row's prompt ends at inference (SPEC 4): what the editor's forward pre-hook tells the
+"""Where each row's prompt ends at inference: what the editor's forward pre-hook tells the
 adapter (``describe_pass``), known prompts, and generation and scoring that pin the prompt.
 
 A HoReN edit is applied at the last prompt token of each row, at the first pass over an empty KV

@@ -1,4 +1,4 @@
-"""HoReN retrieval (SPEC section 3): one public function, backends behind one dispatch point.
+"""HoReN retrieval (the damped Hopfield step of horen_fast.hopfield): one public function, backends behind one dispatch point.
 
 ``retrieve`` validates its arguments, then asks ``horen_fast.dispatch`` for an implementation of
 the op "retrieve": ``"torch"`` (the plain PyTorch reference on horen_fast.hopfield, any device),

@@ -4,7 +4,7 @@ Every rank holds a slice of the entries in its own ``Codebook``; entry ids form 
 ranks. All methods are collective: every rank of the group calls them, in the same order, with the
 same arguments (SPMD), as with any torch.distributed program.
 
-Retrieval equals the single-codebook result (SPEC 3) up to float summation order, built on the
+Retrieval equals the single-codebook result up to float summation order, built on the
 Hopfield ops of horen_fast/hopfield.py: for each step every rank computes the softmax partials of
 its own keys (``softmax_partials``: row max m and exp-weighted key sum y); an all_reduce MAX of m,
 ``rescale_partials`` to it and one all_reduce SUM of y give the full softmax's retrieved pattern

@@ -1,7 +1,7 @@
 """A low-rank sketch of every key, for the part of HoReN's softmax that a prefilter leaves out.
 
 At beta = 20 over tens of thousands of anisotropic keys, most of the Hopfield step's softmax mass
-lies on keys far from the query (SPEC 3), and an approximate index misses some of the keys near
+lies on keys far from the query, and an approximate index misses some of the keys near
 it. The sketch keeps, for every key k_i, its coordinates y_i = P^T k_i in an r-dim basis P (the
 top right singular vectors of a sample of the keys, uncentred, so the mean direction comes first;
 r = 128 by default, stored in bfloat16: 256 bytes a key against 6144 for a float32 key of width

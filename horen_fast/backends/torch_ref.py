@@ -1,4 +1,4 @@
-"""The plain PyTorch reference for HoReN retrieval (SPEC 3), on the ops of horen_fast.hopfield.
+"""The plain PyTorch reference for HoReN retrieval, on the ops of horen_fast.hopfield.
 
 Runs on any device, widens half types to float32, keeps float64 as is, and never synchronizes
 with the host (the per-row stop rule is a mask, not a Python branch). Registered with
@@ -18,7 +18,7 @@ __all__ = ["refine", "retrieve_torch"]
 
 
 def refine(queries: torch.Tensor, keys: torch.Tensor, p: RetrievalParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """q_M of SPEC 3 for every row, plus the mask of usable rows."""
+    """The query after the Hopfield steps for every row, plus the mask of usable rows."""
     dtype = compute_dtype(queries, keys)
     k = keys.to(dtype)
     q, valid = normalize_queries(queries, dtype)

@@ -1,4 +1,4 @@
-"""Hyper-parameter files shipped with horen-fast, in the published HoReN key names (SPEC 7).
+"""Hyper-parameter files shipped with horen-fast, in the published HoReN key names.
 
 ``path(name)`` gives the file of a model, for ``HoReNConfig.from_yaml`` and for EasyEdit
 (``horen_fast.easyedit.HoReNHyperParams.from_hparams``)::
