@@ -3,8 +3,8 @@
     python bench/bench_prefilter.py --sizes 50000 200000 1000000 --index ivf --candidates 256 \
         --out bench/results/prefilter.json
 
-Keys come from horen_fast.synthetic.ActivationModel.load() (fitted to SmolLM2 activations when
-bench/data/ holds the fit, else the anisotropic stand-in), generated in float32 chunks straight
+Keys come from horen_fast.synthetic.ActivationModel.load() (fitted to SmolLM2 activations; the
+fit ships as package data in horen_fast/resources/), generated in float32 chunks straight
 into the codebook. Queries: paraphrase-like (near a stored key, at the fitted paraphrase cosine)
 and unrelated (fresh draws). Exact = Codebook.retrieve(exact=True), i.e. retrieve(backend="auto");
 the backend it resolves to is printed. A row agrees when matched and index are both equal.

@@ -102,10 +102,7 @@ def test_ties_pick_lowest_index(backend, device, n, where, steps, dtype):
     assert res.index.cpu()[torch.from_numpy(hits)].tolist() == [min(where)] * int(hits.sum())
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param(b, marks=pytest.mark.xfail(strict=True, reason="the Triton kernels' B > 4 path loses "
-                                            "~3e-5 per step on the cosines (reported to the GPU engineer)"))
-    if b == "triton" else b for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_row_does_not_depend_on_its_batch(backend):
     """Each row alone and inside a batch of 6 or 16 gets the same answer (index exactly, score to
     float32 rounding). Regression: n=163, d=6, steps=3, beta=24, alpha=1, seed 49941."""
