@@ -97,6 +97,15 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+def file_sha256(path) -> str:
+    """The sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tensor_checksum(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
     """sha256 over the metadata (canonical JSON) and every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256()

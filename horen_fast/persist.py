@@ -16,7 +16,6 @@ sha256 differs from the manifest's.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
-from ._files import HoReNFileError, check_readable
+from ._files import HoReNFileError, check_readable, file_sha256
 from .codebook import Codebook
 from .config import HoReNConfig
 
@@ -52,14 +51,6 @@ def _umask() -> int:
     return mask
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -77,7 +68,7 @@ def _commit(tmp: Path, final: Path, mode: int) -> dict:
         os.fsync(f.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, final)
-    return {"file": final.name, "bytes": final.stat().st_size, "sha256": _sha256(final)}
+    return {"file": final.name, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
 
 
 @contextmanager
@@ -163,7 +154,7 @@ def _checked(folder: Path, rec: dict) -> Path:
     if size != rec["bytes"]:
         raise HoReNFileError(path, f"is {size} bytes, {MANIFEST} says {rec['bytes']} (truncated or "
                                    f"replaced after the save)")
-    if _sha256(path) != rec["sha256"]:
+    if file_sha256(path) != rec["sha256"]:
         raise HoReNFileError(path, f"checksum differs from {MANIFEST} (corrupted or replaced after the save)")
     return path
 

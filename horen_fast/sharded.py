@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._files import HoReNFileError, atomic_path
+from ._files import HoReNFileError, atomic_path, file_sha256
 from .codebook import Codebook
 from .entries import check_ids
 from .hopfield import damped_update, exact_best, normalize_queries, rescale_partials, select_match, \
@@ -56,14 +56,6 @@ _POSITION_BITS = 40  # the winner's (rank, position) packed as rank * 2**40 + po
 
 def _shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.safetensors"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json_checksum(manifest: dict) -> str:
@@ -227,7 +219,7 @@ class ShardedCodebook:
         directory.mkdir(parents=True, exist_ok=True)
         shard = directory / _shard_name(self.rank, self.world)
         self.local.save(shard)
-        digest = torch.tensor(list(bytes.fromhex(_file_sha256(shard))), dtype=torch.long,
+        digest = torch.tensor(list(bytes.fromhex(file_sha256(shard))), dtype=torch.long,
                               device=self.device)
         table = torch.zeros(self.world, 32, dtype=torch.long, device=self.device)
         table[self.rank] = digest
@@ -259,7 +251,7 @@ class ShardedCodebook:
             path = directory / entry["file"]
             if not path.is_file():
                 raise HoReNFileError(path, f"rank {rank}'s shard file is missing")
-            if _file_sha256(path) != entry["sha256"]:
+            if file_sha256(path) != entry["sha256"]:
                 raise HoReNFileError(path, f"rank {rank}'s shard file is corrupted (its sha256 "
                                            f"differs from the manifest's)")
             local = Codebook.load(path, device=device)

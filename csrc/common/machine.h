@@ -9,9 +9,10 @@
 //   * work_per_thread, the multiply-adds that pay for waking one more OpenMP thread, given for
 //     16-lane (AVX-512 float32) arithmetic and scaled by the lanes of the instruction set in use:
 //     waking a thread costs about the same time everywhere, and the work done in that time grows
-//     with the vector width (1M at 16 lanes: a few microseconds, about what waking a spinning
-//     OpenMP thread costs; measured at N = 1K, d = 1536, B = 1 on Zen 5, keys in L3: 140 us on one
-//     thread, 96 us on two).
+//     with the vector width (4M at 16 lanes: about the time a sleeping thread takes to wake). Less
+//     is faster only on an idle machine: at N = 1K, d = 1536, B = 1 (Zen 5, keys in L3) 1M gave two
+//     threads, 96 us instead of 140 us with the second core free, but 7 ms with it busy (the end of
+//     an OpenMP region waits for a descheduled worker).
 // Both can be overridden for experiments (horen_fast.native.set_tuning); call that while no
 // kernel runs.
 #pragma once
@@ -43,7 +44,7 @@ struct Machine {
 namespace machine_detail {
 
 constexpr int64_t DEFAULT_L2 = 1 << 20;
-constexpr int64_t WORK_PER_THREAD_16_LANES = int64_t(1) << 20;
+constexpr int64_t WORK_PER_THREAD_16_LANES = int64_t(4) << 20;
 
 inline int64_t parse_size(const std::string& s) {  // "48K", "1024K", "32M", "512"
     if (s.empty()) return 0;
