@@ -34,7 +34,6 @@ def full(args) -> None:
     from horen_fast.evaluate import build_editor, run_sequential
     from horen_fast.metrics import retrieved_entries
     records = read_records(args.data, args.n)
-    overrides = {}
     editor, config = build_editor(args.model, progress=False)
     if args.early_stop_margin is not None:
         from horen_fast.config import HoReNConfig
@@ -106,8 +105,8 @@ def compare(args) -> None:
             a, b = p[f"{kind}_route"], q["routes"][kind]
             row[f"{kind}_route_differ"] = sum(x != y for x, y in zip(a, b))
             row[kind] = p["metrics"][kind]
-            row[f"{kind}_r"] = q[f"{kind}_r"]
-        row["op"], row["op_r"] = p["metrics"]["op"], q["op_r"]
+            row[f"{kind}_r"] = q[kind]
+        row["op"], row["op_r"] = p["metrics"]["op"], q["op"]
         report["checkpoints"].append(row)
     worst = max(abs(r[k] - r[f"{k}_r"]) for r in report["checkpoints"] for k in ("rel", "gen", "loc", "op"))
     report["max_metric_gap"] = worst

@@ -13,9 +13,12 @@ device and index ranges itself (csrc/common/tensor_args.h), raising TypeError / 
 name the argument; the reasons functions here say, before a call, why the C++ code cannot serve it
 (not built, not on the CPU, a dtype it has no kernel for, an instruction set this CPU lacks).
 
-``HOREN_FAST_CPU_ISA`` = ``auto`` (default) | ``avx512`` | ``avx2`` | ``scalar`` picks the
-instruction set of every native call; it is read here and nowhere else (at each call, so that
-tests and comparisons can switch it). Tile sizes and thread counts follow the machine (caches,
+``HOREN_FAST_CPU_ISA`` = ``auto`` (default) | ``avx512`` | ``avx512bf16`` | ``avx2`` | ``scalar`` picks
+the instruction set of every native call; it is read here and nowhere else (at each call, so that
+tests and comparisons can switch it). ``avx512bf16`` is ``avx512`` with the scores of the retrieval
+kernel's batched loops (8 or more query rows) as AVX512_BF16 dot products of hi/lo bfloat16 splits
+(csrc/retrieve/bf16_split.h); ``auto`` never picks it, since on the CPUs measured (Zen 5) a bfloat16
+dot product runs at the rate of a float32 FMA and the split needs 2 or 3 of them per pair. Tile sizes and thread counts follow the machine (caches,
 instruction set: csrc/common/machine.h); ``machine()`` shows them, ``set_tuning`` overrides them
 for experiments.
 """
@@ -45,7 +48,7 @@ __all__ = ["ISA_VARIABLE", "ISAS", "RETRIEVE_BUILT", "SKETCH_BUILT", "best_isa",
            "sketch_rescue", "sketch_reasons", "pair_dots", "pair_dots_reasons"]
 
 ISA_VARIABLE = "HOREN_FAST_CPU_ISA"
-ISAS = ("auto", "avx512", "avx2", "scalar")
+ISAS = ("auto", "avx512", "avx512bf16", "avx2", "scalar")
 RETRIEVE_BUILT = _retrieve_ext is not None
 SKETCH_BUILT = _sketch_ext is not None
 _BUILD_HINT = "build it with `pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`"

@@ -198,7 +198,7 @@ def test_isa_switch_errors(monkeypatch):
         res = retrieve(queries, keys, threshold=-1.0)
     ref = retrieve(queries, keys, backend="torch", threshold=-1.0)
     assert torch.equal(res.index, ref.index)
-    for isa in ("avx512", "avx2"):
+    for isa in ("avx512", "avx512bf16", "avx2"):
         if isa not in ISAS:
             monkeypatch.setenv("HOREN_FAST_CPU_ISA", isa)
             with pytest.raises(NotSupportedError, match="does not support"):

@@ -149,7 +149,7 @@ inline Machine& machine() {
 }
 
 // float32 lanes of a vector register
-inline int64_t lanes(Isa isa) { return isa == Isa::avx512 ? 16 : isa == Isa::avx2 ? 8 : 1; }
+inline int64_t lanes(Isa isa) { return is_avx512(isa) ? 16 : isa == Isa::avx2 ? 8 : 1; }
 
 // multiply-adds that pay for waking one more thread with this instruction set
 inline int64_t min_work_per_thread(Isa isa) {

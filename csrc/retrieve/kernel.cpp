@@ -14,6 +14,13 @@
 //     rescored exactly, in descending bound order, until the next bound falls below the best exact
 //     score. Ties follow the one tie rule of horen_fast/hopfield.py (the lowest index).
 //
+// Passes of BATCH_MIN (8) or more query rows (prefill, evaluation) run the batched loops of
+// csrc/retrieve/batched.h instead: float32 (or float64) FMAs with each loaded key vector serving 8
+// queries from registers, queries and sums packed so that a chunk of them stays in L1. On Zen 5
+// (AVX-512 full width) an AVX512-BF16 dot product measured the same rate as an FMA (0.128 vs
+// 0.119 ns per instruction), so the hi/lo split (3 products per pair for float32 keys, 2 for
+// bfloat16) cannot beat plain FMAs there, and no such path is built; AMX is not built either.
+//
 // The inner loops exist three times, for AVX-512, AVX2+FMA and portable scalar code, picked by the
 // caller (horen_fast/native.py). They are written once, in the second half of this file, which
 // includes itself once per instruction set inside a `#pragma GCC target` region (the same trick as
@@ -80,12 +87,17 @@ struct KernelSet {
     void (*baxpy)(const KT* K, int64_t ks, int nj, const F* w, int64_t ws, int64_t cv0, int64_t cv1, int64_t d,
                   F* accp, const KT* pf, int pfn);
     int64_t chunk;  // vectors of d per call of bdot / baxpy (a block's chunk stays in L1)
+    // bdot takes the queries split into bfloat16 hi/lo (Isa::avx512bf16, csrc/retrieve/bf16_split.h),
+    // its scores off by up to SPLIT_REL |q| |k| more than float32 rounding
+    bool split;
     int lanes;  // elements of F per vector register
 };
 
 // rows of a block of the batched loops, and the rows from which a pass uses them
 constexpr int BR = 8;
 constexpr int64_t BATCH_MIN = 8;
+// error bound of the split scores (csrc/retrieve/bf16_split.h), relative to |q| |k|
+constexpr double SPLIT_REL = 2.5e-5;
 
 // natural order -> paired order (see KernelSet::paired_block), and back
 template <class F> static void to_paired(const F* src, F* dst, int64_t d, int P) {
@@ -338,6 +350,15 @@ constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 8, AXPY_CB = 2, BDOT_JB = 2, BAXP
 #undef HOREN_KERNEL_BODY
 }}  // namespace horen::isa_avx512
 HOREN_TARGET_POP
+
+// ---- AVX-512 + AVX512_BF16: the split scores of Isa::avx512bf16 ----
+HOREN_TARGET_PUSH_AVX512BF16
+namespace horen { namespace isa_avx512bf16 {
+#define HOREN_KERNEL_SPLIT 1
+#include "bf16_split.h"
+#undef HOREN_KERNEL_SPLIT
+}}  // namespace horen::isa_avx512bf16
+HOREN_TARGET_POP
 #endif  // HOREN_X86
 
 // =================================================================================================
@@ -348,7 +369,18 @@ namespace horen {
 template <class F, class KT>
 static KernelSet<F, KT> kernels_for(Isa isa) {
 #if HOREN_X86
-    if (isa == Isa::avx512) return isa_avx512::make_kernels<F, KT>();
+    if (is_avx512(isa)) {
+        KernelSet<F, KT> k = isa_avx512::make_kernels<F, KT>();
+        // Isa::avx512bf16: split scores where they exist (float32 compute, float32 or bfloat16 keys);
+        // float16 keys and float64 compute keep the FMA loops
+        if constexpr (std::is_same<F, float>::value &&
+                      (std::is_same<KT, float>::value || std::is_same<KT, bf16_t>::value))
+            if (isa == Isa::avx512bf16) {
+                k.bdot = &isa_avx512bf16::split_block<KT>;
+                k.split = true;
+            }
+        return k;
+    }
     if (isa == Isa::avx2) return isa_avx2::make_kernels<F, KT>();
 #endif
     (void)isa;
@@ -430,6 +462,7 @@ private:
     std::vector<F> wT_;       // per-thread softmax weights of a tile [threads, Ba, tile]
     std::vector<F> norms_;    // squared key norms [N] (last pass only)
     std::vector<F> Qp_;       // packed queries of the batched loops [blocks][d / lanes][BR][lanes]
+    bool split_scores_ = false;  // S_ came from split scores (KernelSet::split)
     std::vector<F> partT_;    // per-thread partial score vectors of the batched loops
 
     const KT* key(int64_t i) const { return static_cast<const KT*>(p_.k) + i * p_.ks; }
@@ -510,6 +543,7 @@ private:
         const int nt = threads_for(Ba);
         const int T = tile_;
         S_.resize(Ba * N);
+        split_scores_ = false;
         if (want_norms) norms_.resize(N);
         if (softmax) {
             acc_.assign(Ba * d, F(0));
@@ -580,17 +614,30 @@ private:
         const int64_t N = p_.N, d = p_.d, Ba = static_cast<int64_t>(active.size());
         const int64_t W = ks_.lanes, dv = (d + W - 1) / W, blocks = (Ba + BR - 1) / BR, Bp = blocks * BR;
         const int64_t bsize = dv * BR * W;  // elements of one packed block
+        const int64_t qbsize = (dv + 1) / 2 * 2 * BR * W;  // of a block of queries (whole vector pairs)
         const int nt = threads_for(Ba);
         const int T = btile_;
         S_.resize(Bp * N);
         if (want_norms) norms_.resize(N);
-        Qp_.assign(blocks * bsize, F(0));
+        Qp_.assign(blocks * qbsize, F(0));
         for (int64_t a = 0; a < Ba; ++a) {
             const F* src = &q_[active[a] * d];
-            F* dst = &Qp_[(a / BR) * bsize + (a % BR) * W];
+            if (ks_.split) {  // pairs of vectors: 2W bfloat16 hi, then 2W lo (csrc/retrieve/bf16_split.h)
+                uint16_t* dst = reinterpret_cast<uint16_t*>(&Qp_[(a / BR) * qbsize]) + (a % BR) * 4 * W;
+                for (int64_t c = 0; c < d; ++c) {
+                    const float x = static_cast<float>(src[c]);
+                    const uint32_t hi = float_to_bf16_bits(x);
+                    uint16_t* v = dst + (c / (2 * W)) * BR * 4 * W + c % (2 * W);
+                    v[0] = static_cast<uint16_t>(hi);
+                    v[2 * W] = static_cast<uint16_t>(float_to_bf16_bits(x - bf16_to_float(static_cast<uint16_t>(hi))));
+                }
+                continue;
+            }
+            F* dst = &Qp_[(a / BR) * qbsize + (a % BR) * W];
             for (int64_t c0 = 0; c0 < d; c0 += W)  // vector c0 / W of row a % BR
                 std::copy(src + c0, src + std::min(d, c0 + W), dst + (c0 / W) * BR * W);
         }
+        split_scores_ = ks_.split;
         if (softmax) {
             accT_.resize(static_cast<size_t>(nt) * blocks * bsize);
             mT_.assign(static_cast<size_t>(nt) * Bp, -std::numeric_limits<F>::infinity());
@@ -625,7 +672,7 @@ private:
                 std::fill(part, npart + nj * W, F(0));
                 for (int64_t cv0 = 0; cv0 < dv; cv0 += ch)
                     for (int64_t blk = 0; blk < blocks; ++blk)
-                        ks_.bdot(kp, p_.ks, nj, &Qp_[blk * bsize], cv0, std::min(dv, cv0 + ch), d, part + blk * pb,
+                        ks_.bdot(kp, p_.ks, nj, &Qp_[blk * qbsize], cv0, std::min(dv, cv0 + ch), d, part + blk * pb,
                                  want_norms && blk == 0 ? npart : nullptr, blk == 0);
                 for (int64_t blk = 0; blk < blocks; ++blk)
                     for (int j = 0; j < nj; ++j)
@@ -726,7 +773,8 @@ private:
         const F* s = &S_[br.a * N];
         const double thr = p_.threshold;
         const double unit = std::is_same<F, float>::value ? 5.96e-8 : 1.12e-16;
-        const double rel = unit * (4.0 * std::sqrt(static_cast<double>(d)) + 8.0);  // dot error / |k|
+        const double rel = unit * (4.0 * std::sqrt(static_cast<double>(d)) + 8.0) +  // dot error / |k|
+                           (split_scores_ ? SPLIT_REL : 0.0);
         const double slack = std::is_same<F, float>::value ? 2e-6 : 1e-12;
         const double c1 = br.c1, c2 = br.c2, inv = br.inv_nrm, ac1 = std::fabs(c1);
         struct Cand { double ub; int64_t i; };
@@ -1025,6 +1073,7 @@ KernelSet<F, KT> make_kernels() {
     k.baxpy = &baxpy_block<F, KT>;
     k.lanes = OpsOf<F>::type::W;
     k.chunk = bchunk<typename OpsOf<F>::type>();
+    k.split = false;
     return k;
 }
 

@@ -496,7 +496,7 @@ void rescue_range512(const Args& a, const float* floor, int64_t lo, int64_t hi,
 #endif
 
 // the hand-vectorized blocks: only where the caller picked AVX-512 (which it checked this CPU has)
-bool use_avx512(const Args& a) { return a.isa == Isa::avx512; }
+bool use_avx512(const Args& a) { return is_avx512(a.isa); }
 
 // beta + cvar bounds every logit (scores and energies are at most 1); usable as a fixed shift of
 // the weights while the smallest logit, -beta, stays far from float underflow after it
@@ -674,7 +674,7 @@ float dot_f32(const float* a, const float* b, int64_t d, bool avx512) {
 void pair_dots(const float* keys, int64_t stride, const float* q, int64_t d, const int64_t* rows,
                const int64_t* slots, int64_t n, float* out, int threads, Isa isa) {
     const int T = threads_for_work(n * d, threads, isa);
-    const bool avx512 = isa == Isa::avx512;
+    const bool avx512 = is_avx512(isa);
 #pragma omp parallel for num_threads(T) schedule(static)
     for (int64_t i = 0; i < n; ++i) out[i] = dot_f32(q + rows[i] * d, keys + slots[i] * stride, d, avx512);
 }
