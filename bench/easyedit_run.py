@@ -134,8 +134,15 @@ def tiny_model_dir(tmp: Path) -> str:
     return str(path)
 
 
-def records(n: int):
-    rows = (RECORDS * (n // len(RECORDS) + 1))[:n]
+def records(n: int, path: str | None = None):
+    """EasyEdit's request lists for ``n`` records: the tiny vocabulary's, or the first ``n`` of a
+    ZsRE / EasyEdit records file (``--data``)."""
+    if path:
+        from horen_fast.data import ALL_FIELDS, read_records
+        rows = [(r.prompt, r.target, r.rephrase, r.loc_prompt, r.loc_answer)
+                for r in read_records(path, require=ALL_FIELDS)[:n]]
+    else:
+        rows = (RECORDS * (n // len(RECORDS) + 1))[:n]
     return dict(prompts=[r[0] for r in rows], target_new=[r[1] for r in rows],
                 rephrase_prompts=[r[2] for r in rows],
                 locality_inputs={"neighborhood": {"prompt": [r[3] for r in rows],
@@ -158,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="a local model folder (default: the tests' tiny random Llama)")
     ap.add_argument("--hparams", help="a HoReN YAML file (default: tiny-model settings, layer 2)")
     ap.add_argument("--records", type=int, default=5)
+    ap.add_argument("--data", help="ZsRE / EasyEdit records (JSON or JSON Lines; default: tiny-vocabulary records)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-stub-missing", dest="stub", action="store_false",
                     help="import EasyEdit with its requirements installed, no stand-ins")
@@ -165,6 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the JSON report here")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve() if args.out else None
+    data_path = str(Path(args.data).resolve()) if args.data else None
     if not args.easyedit or not (Path(args.easyedit) / "easyeditor").is_dir():
         print("error: --easyedit must name a checkout of https://github.com/zjunlp/EasyEdit (a folder "
               "holding easyeditor/); e.g. git clone --depth 1 https://github.com/zjunlp/EasyEdit /tmp/EasyEdit",
@@ -200,7 +209,7 @@ def main(argv=None) -> int:
     else:
         hp = easyedit.HoReNHyperParams(inner_params=["model.layers[2].mlp.down_proj.weight"], n_iter=30,
                                        hopfield_key_match_threshold=0.85, **keys)
-    data = records(args.records)
+    data = records(args.records, data_path)
 
     def fresh_editor():
         return BaseEditor.from_hparams(hp)

@@ -14,6 +14,9 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, os.path.dirname(__file__))
+# the repository root, last: the tests of bench/ scripts import bench.gpu_check; horen_fast itself
+# still comes from where it is installed (site-packages or the editable install)
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
