@@ -48,11 +48,23 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _native_machine() -> dict:
+    try:
+        from . import native
+    except ImportError:  # a build of horen-fast without horen_fast.native
+        return {}
+    return native.machine()
+
+
+def _native_isa() -> str | None:
+    from . import native
+    return native.cpu_isa()
+
+
 def caches() -> dict[str, int]:
     """Cache sizes in bytes ("L1d", "L2", "L3") as the C++ kernels detect them (horen_fast.native:
     sysfs, else sysconf, else cpuid); empty when the extension is not built."""
-    from . import native
-    m = native.machine()
+    m = _native_machine()
     return {name: m[key] for name, key in (("L1d", "l1d_bytes"), ("L2", "l2_bytes"), ("L3", "l3_bytes"))
             if m.get(key)}
 
@@ -77,10 +89,9 @@ def cpu_flags() -> str:
 
 
 def machine_info() -> dict:
-    from . import native
-    m = native.machine()
+    m = _native_machine()
     return {
-        "cpu": cpu_model(), "flags": cpu_flags(), "kernel_isa": native.cpu_isa() if m else None,
+        "cpu": cpu_model(), "flags": cpu_flags(), "kernel_isa": _native_isa() if m else None,
         "caches": caches(), "tile_bytes": m.get("tile_bytes"), "cores": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -98,13 +109,17 @@ def _median_time(fn, reps: int) -> float:
 
 
 def probe_bandwidth(nbytes: int | None = None, reps: int = 5) -> dict:
-    """Streaming read rate (bytes/s) of a float32 buffer of at least 4x the last-level cache
-    (256 MiB minimum, capped at 2 GiB), summed by torch over all its threads."""
+    """Streaming read rate (bytes/s): the best median of two full reads by torch (a sum and a dot
+    product, over all its threads) of a float32 buffer far larger than the last-level cache
+    (2 GiB, or an eighth of the memory available, at least 4x the LLC). On virtual machines the
+    rate grows with the buffer (seen here: 40 GB/s at 256 MiB, 50 GB/s at 2.9 GB), so a small
+    probe would understate the limit."""
     llc = max(caches().values(), default=32 << 20)
-    nbytes = nbytes or min(max(4 * llc, 256 << 20), 2 << 30)
+    avail = _mem_available() or (16 << 30)
+    nbytes = nbytes or max(4 * llc, min(2 << 30, avail // 8))
     buf = torch.ones(nbytes // 4)
     buf.sum()  # fault the pages in
-    t = _median_time(buf.sum, reps)
+    t = min(_median_time(buf.sum, reps), _median_time(lambda: torch.dot(buf, buf), reps))
     return {"bytes": buf.numel() * 4, "seconds": t, "rate": buf.numel() * 4 / t}
 
 
