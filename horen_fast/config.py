@@ -109,6 +109,31 @@ def _bool(name, v):
     return v
 
 
+
+def read_yaml_mapping(path, what: str = "HoReN config") -> dict:
+    """The mapping in a YAML text file, with one-line errors naming the file: missing, a folder,
+    not text, not valid YAML, not a mapping."""
+    import yaml
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} file at {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; a {what} is a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a text file (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start} is not UTF-8); a {what} is a YAML text file") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of hyper-parameters, got {type(data).__name__}")
+    return data
+
+
 @dataclass
 class HoReNConfig:
     """HoReN hyper-parameters; defaults are the paper's (Llama-3.1-8B value-mode run),
@@ -163,6 +188,9 @@ class HoReNConfig:
                                                 self.hopfield_retrieval_max_iter, lo=0)
         self.hopfield_key_match_threshold = _float("hopfield_key_match_threshold",
                                                    self.hopfield_key_match_threshold)
+        if not -1.0 <= self.hopfield_key_match_threshold <= 1.0:
+            raise ValueError(f"hopfield_key_match_threshold is a cosine and must be in [-1, 1] (e.g. 0.85), "
+                             f"got {self.hopfield_key_match_threshold!r}")
         check_params(**self.retrieval_kwargs(with_backend=False))
         self.lora_rank = _int("lora_rank", self.lora_rank, lo=1)
         self.lora_scale = _float("lora_scale", self.lora_scale)
@@ -223,17 +251,9 @@ class HoReNConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "HoReNConfig":
-        import yaml
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no HoReN config file at {path}") from None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path} is not valid YAML: {exc}") from None
-        try:
-            return cls.from_dict(data if data is not None else {}, source=path)
+            return cls.from_dict(read_yaml_mapping(path, "HoReN config"), source=path)
         except TypeError as exc:
             raise ValueError(f"{path}: {exc}") from None
 

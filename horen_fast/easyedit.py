@@ -64,7 +64,7 @@ from typing import Any
 
 from . import inference
 from .arch import layer_path
-from .config import IGNORED_KEYS, HoReNConfig
+from .config import IGNORED_KEYS, HoReNConfig, read_yaml_mapping
 from .editor import HoReNEditor
 
 __all__ = ["apply_horen_to_model", "as_config", "register", "HoReNHyperParams", "Restore",
@@ -86,20 +86,7 @@ def _known_only(data: dict, source: str) -> dict:
 
 
 def _read_yaml(path) -> dict:
-    import yaml
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no HoReN hyper-parameter file at {path}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of hyper-parameters, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path, "HoReN hyper-parameter")
 
 
 def as_config(hparams) -> HoReNConfig:

@@ -56,6 +56,7 @@ class EditResult:
     action: str                # "added" | "reused" | "replaced"
     replaced_id: int | None    # the entry whose earlier edit this one replaced (action "replaced": = id)
     seconds: float             # wall time of the edit
+    iterations: int = 0        # Adam steps its entry took (< n_iter when early_stop_margin stopped it)
 
 
 def _chunks(records: Iterable, size: int):
@@ -244,7 +245,8 @@ class HoReNEditor:
                     job.seconds += share
                 bar.update(len(batch))
             results.extend(EditResult(id=job.entry_id, loss=float(job.loss), action=job.decision.action,
-                                      replaced_id=job.decision.replaced_id, seconds=job.seconds)
+                                      replaced_id=job.decision.replaced_id, seconds=job.seconds,
+                                      iterations=job.iterations)
                            for job in pending)
             pending.clear()
 

@@ -49,7 +49,7 @@ def _edit_one(editor, record: EditRecord):
 
 
 def _result_fields(res) -> dict:
-    return {f: getattr(res, f) for f in ("id", "loss", "action", "replaced_id") if hasattr(res, f)}
+    return {f: getattr(res, f) for f in ("id", "loss", "action", "replaced_id", "iterations") if hasattr(res, f)}
 
 
 def run_sequential(editor, records: Sequence[EditRecord], checkpoints: Sequence[int] | None = None, *,
@@ -330,6 +330,9 @@ def _cmd_eval(args) -> int:
         "edit_batch": args.edit_batch,
         "versions": package_versions(),
     }
+    if args.routing_only:
+        from .routing import routing_command
+        return routing_command(args, records, editor, config, checkpoints, head)
 
     def report_of(body: dict, status: str) -> dict:
         last = body["checkpoints"][-1]
@@ -409,6 +412,11 @@ def register_cli(subparsers) -> None:
                                                "checkpoint; an existing file is kept under a dated name)")
     p.add_argument("--plot", default=None, help="draw the metrics against the number of edits (PNG; "
                                                 "needs matplotlib: pip install 'horen-fast[plot]')")
+    p.add_argument("--routing-only", action="store_true",
+                   help="no training: replay the codebook with the editor's own decisions and report, at "
+                        "each checkpoint, how many edit prompts, paraphrases and locality prompts route to "
+                        "their own entry, another entry or none (Rel_r, Gen_r, Loc_r, OP_r; "
+                        "horen_fast/routing.py)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_threads_option(p)
     p.set_defaults(func=_cmd_eval)

@@ -207,7 +207,9 @@ def retrieved_entries(editor, prompts: Sequence[str], *, batch_size: int = 32) -
             seen.setdefault("x", args[0].detach())      # returns None: the output is kept
         hook = editor.adapter.register_forward_hook(keep_input)
         try:
-            editor.model(input_ids=ids.to(editor.device), attention_mask=mask.to(editor.device))
+            positions = (mask.cumsum(1) - 1).clamp(min=0)    # left padding must not shift positions
+            editor.model(input_ids=ids.to(editor.device), attention_mask=mask.to(editor.device),
+                         position_ids=positions.to(editor.device))
         finally:
             hook.remove()
         q, _ = build_queries(seen["x"], mask.to(editor.device) != 0, editor.config.query_selection_strategy)

@@ -124,3 +124,22 @@ def test_query_strategies_parse():
     assert parse_query_strategy("first_prompt_token") == ("first", 1)
     assert parse_query_strategy("last_5_prompt_tokens_avg") == ("last", 5)
     assert parse_query_strategy("last_60_perc_prompt_tokens_avg") == ("perc", 60.0)
+
+
+def test_bad_config_files_get_one_line_errors_naming_the_problem(tmp_path):
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ValueError, match="not a text file"):
+        HoReNConfig.from_yaml(binary)
+    with pytest.raises(ValueError, match="is a folder"):
+        HoReNConfig.from_yaml(tmp_path)
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        HoReNConfig.from_yaml(bad)
+
+
+@pytest.mark.parametrize("tau", [2.0, -1.5])
+def test_a_threshold_outside_the_cosine_range_is_refused(tau):
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        HoReNConfig(layer=1, hopfield_key_match_threshold=tau)
