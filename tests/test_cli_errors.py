@@ -60,7 +60,7 @@ def test_binary_config(tiny, tmp_path):
     cfg = tmp_path / "config.yaml"
     cfg.write_bytes(b"\x00\x01\xff\xfe\x80 binary")
     rc, _, err = horen_fast("eval", "--data", data, "--model", folder, "--config", cfg, "--no-progress")
-    assert_one_line(rc, err, f"--config {cfg}", "not a UTF-8 text file", "pass a text (YAML) file")
+    assert_one_line(rc, err, f"--config {cfg}", "is not a text file", "is not UTF-8")
 
 
 def test_failed_download_says_where_the_file_goes(tiny, tmp_path):
