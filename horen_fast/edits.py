@@ -55,6 +55,12 @@ def encode(tokenizer, prompt: str, target: str, max_length: int | None = None
         t_ids = list(tokenizer(" " + target, add_special_tokens=False)["input_ids"])
     if not p_ids or not t_ids:
         raise ValueError(f"the prompt {prompt!r} or target {target!r} tokenizes to nothing")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if pad is not None and all(t in (pad, bos) for t in p_ids):
+        raise ValueError(f"the prompt {prompt!r} has no tokens other than padding (pad token "
+                         f"{getattr(tokenizer, 'pad_token', pad)!r}): its query would be zero; give a prompt "
+                         f"with real text")
     if max_length is not None and len(p_ids) + len(t_ids) > max_length:
         raise ValueError(f"prompt + target is {len(p_ids) + len(t_ids)} tokens, more than max_length="
                          f"{max_length}; shorten it or raise max_length")

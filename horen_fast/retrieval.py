@@ -95,6 +95,9 @@ def check_tensors(queries, keys) -> None:
     if queries.device != keys.device:
         raise ValueError(f"queries are on {queries.device} but keys are on {keys.device}; "
                          f"move them to one device")
+    if queries.shape[1] == 0:
+        raise ValueError("the width d of queries and keys is 0: there is nothing to compare; d is the "
+                         "wrapped layer's input width and must be >= 1")
 
 
 def compute_dtype(queries: torch.Tensor, keys: torch.Tensor) -> torch.dtype:

@@ -116,3 +116,10 @@ def test_records_and_tokenization():
         encode(words, "the capital of France is", "Rome", max_length=4)
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         encode(words, "the capital of France is", " ")
+
+
+def test_a_prompt_of_only_padding_is_refused_with_the_real_reason():
+    for tok in (tm.tokenizer(), tm.byte_bpe_tokenizer()):    # with and without a BOS token
+        pad = tok.pad_token
+        with pytest.raises(ValueError, match="no tokens other than padding"):
+            encode(tok, f"{pad}{pad}", "Rome")

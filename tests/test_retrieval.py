@@ -238,3 +238,9 @@ def test_torch_backend_compiles_without_graph_breaks():
     q = torch.randn(4, 32)
     explanation = torch._dynamo.explain(lambda a, b: retrieve_torch(a, b, p))(q, k)
     assert explanation.graph_break_count == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_width_is_an_error_that_names_d(backend):
+    with pytest.raises(ValueError, match="width d of queries and keys is 0"):
+        retrieve(torch.randn(2, 0), torch.randn(3, 0), backend=backend)
