@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out).resolve() if args.out else None
     data_path = str(Path(args.data).resolve()) if args.data else None
+    if args.hparams:                                 # read after the chdir below: make it absolute
+        args.hparams = str(Path(args.hparams).resolve())
     if not args.easyedit or not (Path(args.easyedit) / "easyeditor").is_dir():
         print("error: --easyedit must name a checkout of https://github.com/zjunlp/EasyEdit (a folder "
               "holding easyeditor/); e.g. git clone --depth 1 https://github.com/zjunlp/EasyEdit /tmp/EasyEdit",
