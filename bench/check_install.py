@@ -115,7 +115,10 @@ def main(argv=None) -> int:
         src = work / "src"
         shutil.rmtree(src, ignore_errors=True)
         with tarfile.open(sdist) as tar:
-            tar.extractall(src, filter="data")
+            if hasattr(tarfile, "data_filter"):   # Python >= 3.11.4 / 3.12
+                tar.extractall(src, filter="data")
+            else:
+                tar.extractall(src)
         (unpacked,) = src.iterdir()
         step("wheel from the sdist", [sys.executable, "-m", "pip", "wheel", "--no-build-isolation",
                                       "--no-deps", "-q", unpacked, "-w", dist], cwd=work, env=env)
