@@ -40,6 +40,7 @@ class Implementation:
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
+_ORDER: dict[str, list[Implementation]] = {}   # per op, highest priority first (kept by register)
 _warned: set[tuple] = set()
 
 
@@ -54,8 +55,10 @@ def register(op: str, name: str, reasons: Callable[..., list], run: Callable, pr
         raise TypeError(f"reasons and run must be callables (implementation {name!r} of {op!r})")
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise TypeError(f"priority must be an int, got {priority!r}")
-    _REGISTRY.setdefault(op, {})[name] = Implementation(
-        name, reasons, run, priority, None if devices is None else tuple(devices))
+    table = _REGISTRY.setdefault(op, {})
+    table[name] = Implementation(name, reasons, run, priority, None if devices is None else tuple(devices))
+    # highest priority first; equal priorities in registration order
+    _ORDER[op] = sorted(table.values(), key=lambda i: -i.priority)
 
 
 def names(op: str) -> list[str]:
@@ -105,8 +108,8 @@ def _table(op: str) -> dict[str, Implementation]:
 
 
 def _ordered(op: str) -> list[Implementation]:
-    # highest priority first; equal priorities in registration order
-    return sorted(_table(op).values(), key=lambda i: -i.priority)
+    _table(op)  # a clear error for an unknown op
+    return _ORDER[op]
 
 
 def _reasons(impl: Implementation, args) -> list[str]:

@@ -187,35 +187,19 @@ def aggregate(per_record: Sequence[dict]) -> dict:
     return {"n": n, **means, "op": overall(means["rel"], means["gen"], means["loc"])}
 
 
-@torch.no_grad()
 def retrieved_entries(editor, prompts: Sequence[str], *, batch_size: int = 32) -> list[tuple[int, float]]:
     """For each prompt, the codebook entry its query matches best and that entry's final Hopfield
     score (the cosine compared with the threshold tau), whether or not it passes tau: (entry id,
-    cosine), or (-1, nan) when the codebook is empty. The query is built from the wrapped layer's
-    input exactly as the editor builds it at generation time (prompts tokenized the default way)."""
-    from .adapter import build_queries
+    cosine), or (-1, nan) when the codebook is empty. The query is the one the editor builds at
+    generation time (``calibrate.prompt_queries``: prompts tokenized the default way, the forward
+    pass stopping at the edited layer)."""
+    from .calibrate import prompt_queries
     if len(editor.codebook) == 0:
         return [(-1, float("nan"))] * len(prompts)
-    tok = editor.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    found: list[tuple[int, float]] = []
-    for lo in range(0, len(prompts), batch_size):
-        ids, mask = left_pad([list(tok(p)["input_ids"]) for p in prompts[lo: lo + batch_size]], pad)
-        seen = {}
-
-        def keep_input(module, args, output):
-            seen.setdefault("x", args[0].detach())      # returns None: the output is kept
-        hook = editor.adapter.register_forward_hook(keep_input)
-        try:
-            positions = (mask.cumsum(1) - 1).clamp(min=0)    # left padding must not shift positions
-            editor.model(input_ids=ids.to(editor.device), attention_mask=mask.to(editor.device),
-                         position_ids=positions.to(editor.device))
-        finally:
-            hook.remove()
-        q, _ = build_queries(seen["x"], mask.to(editor.device) != 0, editor.config.query_selection_strategy)
-        res = editor.codebook.retrieve(q, threshold=-1.0)
-        found.extend((int(i), float(s)) for i, s in zip(res.index.tolist(), res.score.tolist()))
-    return found
+    q = prompt_queries(editor, editor.tokenizer, prompts, [editor.layer_path],
+                       editor.config.query_selection_strategy, batch_size=batch_size)[editor.layer_path]
+    res = editor.codebook.retrieve(q.to(editor.device), threshold=-1.0)
+    return [(int(i), float(s)) for i, s in zip(res.index.tolist(), res.score.tolist())]
 
 
 def failure_details(editor, body: dict, *, batch_size: int = 32) -> None:

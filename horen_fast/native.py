@@ -79,9 +79,7 @@ def _requested() -> str:
     return os.environ.get(ISA_VARIABLE, "auto").strip().lower() or "auto"
 
 
-def isa_reasons() -> list[str]:
-    """Why HOREN_FAST_CPU_ISA keeps the native kernels from running ([] when it does not)."""
-    isa = _requested()
+def _isa_reasons(isa: str) -> list[str]:
     if isa not in ISAS:
         return [f"{ISA_VARIABLE}={isa!r} is not one of {', '.join(ISAS)}"]
     if isa != "auto" and isa not in _SUPPORTED:
@@ -89,13 +87,18 @@ def isa_reasons() -> list[str]:
     return []
 
 
+def isa_reasons() -> list[str]:
+    """Why HOREN_FAST_CPU_ISA keeps the native kernels from running ([] when it does not)."""
+    return _isa_reasons(_requested())
+
+
 def cpu_isa() -> str:
     """The instruction set the next native call uses: HOREN_FAST_CPU_ISA, or the best this CPU has.
     Raises ValueError naming the variable when it asks for something this CPU cannot do."""
-    why = isa_reasons()
+    isa = _requested()
+    why = _isa_reasons(isa)
     if why:
         raise ValueError(why[0])
-    isa = _requested()
     return _BEST if isa == "auto" else isa
 
 

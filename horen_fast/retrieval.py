@@ -155,6 +155,6 @@ def final_scores(queries: torch.Tensor, keys: torch.Tensor, *, beta: float = 20.
     params = check_params(beta, alpha, steps, 0.0, eps)
     check_tensors(queries, keys)
     from .backends.torch_ref import refine
-    q, valid = refine(queries, keys, params)
-    c = q @ keys.to(q.dtype).T
+    q, valid, k = refine(queries, keys, params)
+    c = q @ k.T
     return torch.where(valid[:, None], c, torch.full_like(c, float("nan")))

@@ -17,8 +17,10 @@ from ..retrieval import RetrievalParams, compute_dtype
 __all__ = ["refine", "retrieve_torch"]
 
 
-def refine(queries: torch.Tensor, keys: torch.Tensor, p: RetrievalParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query after the Hopfield steps for every row, plus the mask of usable rows."""
+def refine(queries: torch.Tensor, keys: torch.Tensor, p: RetrievalParams
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query after the Hopfield steps for every row, the mask of usable rows, and the keys in
+    the compute dtype (converted once, for the final scores too)."""
     dtype = compute_dtype(queries, keys)
     k = keys.to(dtype)
     q, valid = normalize_queries(queries, dtype)
@@ -26,12 +28,11 @@ def refine(queries: torch.Tensor, keys: torch.Tensor, p: RetrievalParams) -> tup
     for _ in range(p.steps):
         _, _, y = softmax_partials(q, k, p.beta)
         q, running = damped_update(q, y, running, p.alpha, p.eps)
-    return q, valid
+    return q, valid, k
 
 
 def retrieve_torch(queries: torch.Tensor, keys: torch.Tensor, p: RetrievalParams) -> RetrievalResult:
-    q, valid = refine(queries, keys, p)
-    k = keys.to(q.dtype)
+    q, valid, k = refine(queries, keys, p)
     best, index = exact_best(q, k, q @ k.T)
     return select_match(best, index, valid, p.threshold)
 
