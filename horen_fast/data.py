@@ -140,6 +140,15 @@ def read_records(path, n: int | None = None, require=ALL_FIELDS) -> list[EditRec
     return [parse_record(obj, f"{path}: record {i + 1}", require) for i, obj in enumerate(objects)]
 
 
+def real_positions(path, n: int | None = None) -> list[int] | None:
+    """Positions (0-based, among the first ``n``) of the real records of a stream made by
+    ``horen-fast stream`` (``"synthetic": false``); None for a file without the marks."""
+    objects = _load_objects(Path(path))[:n]
+    if not any(isinstance(o, dict) and "synthetic" in o for o in objects):
+        return None
+    return [i for i, o in enumerate(objects) if isinstance(o, dict) and o.get("synthetic") is False]
+
+
 def left_pad(rows: list[list[int]], pad: int):
     """(input_ids, attention_mask) LongTensors for token-id lists, padded on the left with ``pad``."""
     import torch

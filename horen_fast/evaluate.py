@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 from .data import EditRecord
 from .metrics import aggregate, evaluate_records, failure_details, locality_reference
 
-__all__ = ["default_checkpoints", "run_sequential", "Interrupted", "write_report",
+__all__ = ["default_checkpoints", "run_sequential", "check_resume", "Interrupted", "write_report",
            "keep_previous", "plot_report", "package_versions", "parse_layer", "build_editor",
            "threshold_source", "register_cli"]
 
@@ -54,7 +54,8 @@ def _result_fields(res) -> dict:
 
 def run_sequential(editor, records: Sequence[EditRecord], checkpoints: Sequence[int] | None = None, *,
                    batch_size: int = 32, progress: bool = True, edit_fn=_edit_one, tokenizer=None,
-                   edit_batch: int = 1, on_checkpoint: Callable[[dict], None] | None = None) -> dict:
+                   edit_batch: int = 1, on_checkpoint: Callable[[dict], None] | None = None,
+                   resume: dict | None = None) -> dict:
     """Edit ``records`` one after another on ``editor`` (which must hold no edits yet) and evaluate
     all records edited so far at each checkpoint (``default_checkpoints(n)`` when None; the last
     checkpoint is always len(records)).
@@ -65,7 +66,12 @@ def run_sequential(editor, records: Sequence[EditRecord], checkpoints: Sequence[
     a record's own edit time is then not measurable: records get ``edit_batch_seconds``, the wall
     time of their batch, instead of ``edit_seconds``). ``on_checkpoint(body)`` is called after each
     checkpoint. Ctrl-C raises ``Interrupted``. Returns the report's body: ``checkpoints``
-    (aggregates and timings), ``records`` (per record, at the last checkpoint), ``timings``."""
+    (aggregates and timings), ``records`` (per record, at the last checkpoint), ``timings``,
+    ``locality_reference`` (the unedited model's locality tokens of every record).
+
+    ``resume``: the body of an earlier run of the same records, and ``editor`` holding that run's
+    edits as they stood at its last checkpoint (``HoReNEditor.load`` of a save made there): the
+    run goes on from that checkpoint and returns the whole run's body (``check_resume``)."""
     tokenizer = tokenizer if tokenizer is not None else editor.tokenizer
     n = len(records)
     if n == 0:
@@ -74,23 +80,34 @@ def run_sequential(editor, records: Sequence[EditRecord], checkpoints: Sequence[
         raise ValueError(f"edit_batch must be a positive integer, got {edit_batch!r}")
     if edit_batch > 1 and edit_fn is not _edit_one:
         raise ValueError("edit_batch > 1 uses editor.edit_many; a custom edit_fn edits one record at a time")
-    if hasattr(editor, "__len__") and len(editor) != 0:
-        raise ValueError(f"the editor already holds {len(editor)} edits; locality is measured against "
+    held = len(editor) if hasattr(editor, "__len__") else 0
+    if resume is None and held != 0:
+        raise ValueError(f"the editor already holds {held} edits; locality is measured against "
                          f"the unedited model, so start from a fresh editor")
     marks = (default_checkpoints(n) if checkpoints is None
              else sorted({c for c in checkpoints if 0 < c < n} | {n}))
-    t0 = time.perf_counter()
-    loc_before = locality_reference(editor, tokenizer, records, batch_size=batch_size)
-    reference_seconds = time.perf_counter() - t0
+    edit_info: list[dict] = []
+    points: list[dict] = []
+    edit_seconds = eval_seconds = 0.0
+    if resume is not None:
+        check_resume(resume, records, held)
+        points = list(resume["checkpoints"])
+        edit_info = [{k[5:]: v for k, v in r.items() if k.startswith("edit_")} for r in resume["records"]]
+        loc_before = resume["locality_reference"]
+        t = resume["timings"]
+        reference_seconds, edit_seconds, eval_seconds = (t["locality_reference_seconds"], t["edit_seconds"],
+                                                         t["eval_seconds"])
+        marks = [m for m in marks if m > len(edit_info)]
+    else:
+        t0 = time.perf_counter()
+        loc_before = locality_reference(editor, tokenizer, records, batch_size=batch_size)
+        reference_seconds = time.perf_counter() - t0
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc="editing", unit="edit", file=sys.stderr)
-    edit_info: list[dict] = []
-    points: list[dict] = []
-    body = None
-    edit_seconds = eval_seconds = 0.0
+        bar = tqdm(total=n, initial=len(edit_info), desc="editing", unit="edit", file=sys.stderr)
+    body = resume
     try:
         for mark in marks:
             t0 = time.perf_counter()
@@ -126,6 +143,7 @@ def run_sequential(editor, records: Sequence[EditRecord], checkpoints: Sequence[
                 "timings": {"locality_reference_seconds": reference_seconds, "edit_seconds": edit_seconds,
                             "eval_seconds": eval_seconds, "seconds_per_edit": edit_seconds / mark,
                             "total_seconds": reference_seconds + edit_seconds + eval_seconds},
+                "locality_reference": [list(map(int, t)) for t in loc_before],
             }
             if on_checkpoint is not None:
                 on_checkpoint(body)
@@ -137,6 +155,30 @@ def run_sequential(editor, records: Sequence[EditRecord], checkpoints: Sequence[
         if bar is not None:
             bar.close()
     return body
+
+
+def check_resume(body: dict, records: Sequence[EditRecord], held: int) -> None:
+    """Raise ValueError unless ``body`` (an earlier run's report body) can be continued on
+    ``records`` by an editor holding ``held`` entries: its records are the first of ``records``,
+    in order, and the editor holds as many entries as the run had at its last checkpoint."""
+    for key in ("checkpoints", "records", "timings", "locality_reference"):
+        if key not in body:
+            raise ValueError(f"the report to resume has no {key!r} (it was written by an older "
+                             f"horen-fast or is not an eval report); start a new run")
+    if not body["checkpoints"]:
+        raise ValueError("the report to resume has no finished checkpoint; start a new run")
+    done = body["checkpoints"][-1]["n"]
+    if len(body["records"]) != done or done > len(records) or len(body["locality_reference"]) != len(records):
+        raise ValueError(f"the report to resume covers {done} edits of {len(body['locality_reference'])} "
+                         f"records, not a prefix of these {len(records)} records; pass the same --data and --n")
+    for i, (old, new) in enumerate(zip(body["records"], records)):
+        if old.get("prompt") != new.prompt or old.get("target") != new.target:
+            raise ValueError(f"record {i + 1} differs from the report's ({old.get('prompt')!r} -> "
+                             f"{old.get('target')!r}); pass the same --data")
+    want = body["checkpoints"][-1].get("entries")
+    if want is not None and want != held:
+        raise ValueError(f"the saved edits hold {held} entries but the report's last checkpoint had "
+                         f"{want}; they are not from the same point of the run")
 
 
 # --------------------------------------------------------------------------- reports
@@ -314,7 +356,17 @@ def _cmd_eval(args) -> int:
     _, source = threshold_source(args.model, args.config, args.threshold)
     print(f"horen-fast eval: {len(records)} records, layer {config.layer}, tau "
           f"{config.hopfield_key_match_threshold} ({source})", file=sys.stderr)
+    resume = None
+    if args.resume or args.save_edits:
+        if args.routing_only:
+            raise CommandError("--resume and --save-edits are for full runs; a --routing-only run trains nothing")
+        if not args.out:
+            raise CommandError("--resume and --save-edits need --out (the report says where the run stands)")
+    if args.resume:
+        editor, resume = _resumed(args, editor, config, records)
     for path in (args.out, args.plot):
+        if resume is not None and path == args.out:
+            continue
         kept = keep_previous(path) if path else None
         if kept:
             print(f"horen-fast eval: {path} exists; the earlier one is kept as {kept}", file=sys.stderr)
@@ -342,6 +394,11 @@ def _cmd_eval(args) -> int:
         return report
 
     def save(body: dict) -> None:
+        if args.save_edits:
+            mark = body["checkpoints"][-1]
+            if "saved_edits" not in mark:
+                mark["saved_edits"] = str(Path(args.save_edits) / f"edits-{mark['n']}")
+                editor.save(mark["saved_edits"])
         if args.out:
             done = body["checkpoints"][-1]["n"]
             write_report(report_of(body, "complete" if done == len(records) else
@@ -350,7 +407,7 @@ def _cmd_eval(args) -> int:
         with torch_threads(args.threads, "eval"):
             body = run_sequential(editor, records, checkpoints, batch_size=args.batch_size,
                                   progress=not args.no_progress, edit_batch=args.edit_batch,
-                                  on_checkpoint=save)
+                                  on_checkpoint=save, resume=resume)
             failure_details(editor, body, batch_size=args.batch_size)
     except Interrupted as exc:
         done = exc.body["checkpoints"][-1]["n"] if exc.body else 0
@@ -373,6 +430,34 @@ def _cmd_eval(args) -> int:
                    eval_seconds=round(body["timings"]["eval_seconds"], 3))
     print(json.dumps(summary))
     return 0
+
+
+def _resumed(args, editor, config, records):
+    """(editor holding the edits saved at the last checkpoint of ``args.out``, that report's body)."""
+    from .cli import CommandError
+    from .editor import HoReNEditor
+    try:
+        report = json.loads(Path(args.out).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--resume: cannot read the report {args.out} ({exc}); start without --resume") from None
+    if report.get("status") == "complete":
+        raise CommandError(f"--resume: {args.out} is a complete run of {report.get('n')} edits; nothing to resume")
+    points = report.get("checkpoints") or []
+    saved = points[-1].get("saved_edits") if points else None
+    if not saved:
+        raise CommandError(f"--resume: {args.out} has no checkpoint with saved edits (was it run with "
+                           f"--save-edits?); start a new run")
+    if report.get("config") != config.to_dict():
+        raise CommandError(f"--resume: {args.out} was run with another config; pass the same --model, "
+                           f"--layer, --threshold and --config")
+    editor.detach()
+    try:
+        editor = HoReNEditor.load(saved, editor.model, editor.tokenizer)
+        check_resume(report, records, len(editor))
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--resume: {exc}") from None
+    print(f"horen-fast eval: resuming after {points[-1]['n']} edits from {saved}", file=sys.stderr)
+    return editor, report
 
 
 def _threshold_help() -> str:
@@ -417,6 +502,11 @@ def register_cli(subparsers) -> None:
                         "each checkpoint, how many edit prompts, paraphrases and locality prompts route to "
                         "their own entry, another entry or none (Rel_r, Gen_r, Loc_r, OP_r; "
                         "horen_fast/routing.py)")
+    p.add_argument("--save-edits", default=None, metavar="DIR",
+                   help="save the editor at each checkpoint, as DIR/edits-N (what --resume continues from)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run that --out reports from its last checkpoint's saved edits "
+                        "(--save-edits); the same --data, --n and config are checked")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_threads_option(p)
     p.set_defaults(func=_cmd_eval)

@@ -75,15 +75,30 @@ def routing_counts(routes: Sequence[int], own: Sequence[int], wanted: Sequence[t
     return c
 
 
+def _subset_rates(routes: dict, own, labels, label_of: dict, rows: list[int]) -> dict:
+    """Rel_r / Gen_r / Loc_r / OP_r over the records at ``rows``."""
+    out = {"n": len(rows)}
+    if not rows:
+        return out
+    for kind in KINDS:
+        c = routing_counts([routes[kind][i] for i in rows], [own[i] for i in rows], [labels[i] for i in rows], label_of)
+        out[kind] = (c["none"] if kind == "loc" else c["own"] + c["same_target"]) / len(rows)
+    out["op"] = overall(out["rel"], out["gen"], out["loc"])
+    return out
+
+
 def routing_run(model, tokenizer, records: Sequence[EditRecord], config, checkpoints: Sequence[int] | None = None,
-                *, batch_size: int = 32, keep_routes: bool = True, progress: bool = False) -> dict:
+                *, batch_size: int = 32, keep_routes: bool = True, progress: bool = False,
+                subset: Sequence[int] | None = None) -> dict:
     """The routing-only run of ``records`` (module docstring). ``model``: a causal LM or a
     HoReNEditor (its edits are ignored); ``config``: the HoReNConfig the full run would use;
     checkpoints: as ``evaluate.run_sequential`` (default 1, 2, 5, 10, ... and the last record).
     Returns {"checkpoints": [{n, entries, rel, gen, loc, op (the routing rates), counts, seconds}],
     "actions", "entry_ids" (each edit's decision and entry, as EditResult.action and .id),
     "distinct_prompts", "timings"}; with ``keep_routes`` each checkpoint also has ``routes``:
-    {kind: the entry id each record's prompt of that kind is routed to (-1: none)}."""
+    {kind: the entry id each record's prompt of that kind is routed to (-1: none)}; with ``subset``
+    (record positions, e.g. a stream's real records) each checkpoint also has ``subset``: the same
+    rates over the subset's records edited so far (n, rel, gen, loc, op)."""
     from .evaluate import default_checkpoints
     records = list(records)
     n = len(records)
@@ -125,6 +140,8 @@ def routing_run(model, tokenizer, records: Sequence[EditRecord], config, checkpo
         point["gen"] = (c["gen"]["own"] + c["gen"]["same_target"]) / k
         point["loc"] = c["loc"]["none"] / k
         point["op"] = overall(point["rel"], point["gen"], point["loc"])
+        if subset is not None:
+            point["subset"] = _subset_rates(routes, state.entry_of, labels, label_of, [i for i in subset if i < k])
         if keep_routes:
             point["routes"] = routes
         clock[0] = time.perf_counter()
@@ -148,8 +165,12 @@ def routing_command(args, records: Sequence[EditRecord], editor, config, checkpo
     eval report's head and checkpoints whose rel/gen/loc/op are Rel_r/Gen_r/Loc_r/OP_r. Prints the
     same last line of JSON as eval (n, rel, gen, loc, op, entries) plus the seconds."""
     from .evaluate import plot_report, write_report
+    from .data import real_positions
+    subset = real_positions(args.data, len(records))
     body = routing_run(editor, editor.tokenizer, records, config, checkpoints, batch_size=args.batch_size,
-                       keep_routes=False, progress=not args.no_progress)
+                       keep_routes=False, progress=not args.no_progress, subset=subset)
+    if subset is not None:
+        body["subset_is"] = "the stream's real records (\"synthetic\": false)"
     last = body["checkpoints"][-1]
     report = {**head, "title": head.get("title", "HoReN") + " (routing only)", "status": "complete",
               "routing_only": True, **{k: last[k] for k in ("n", "rel", "gen", "loc", "op")}, **body}

@@ -198,3 +198,81 @@ def test_help_names_the_threshold_and_its_source(capsys):
     assert f"--model smollm2: {tau} (horen-fast's recommended setting" in text
     assert "with --config: the file's hopfield_key_match_threshold" in text
     assert "any other model: the paper's 0.85" in text
+
+
+# --------------------------------------------------------------------------- resuming a run
+
+def _strip_times(report):
+    drop = ("seconds", "saved_edits")
+    points = [{k: v for k, v in c.items() if not any(d in k for d in drop)} for c in report["checkpoints"]]
+    records = [{k: v for k, v in r.items() if "seconds" not in k} for r in report["records"]]
+    return points, records
+
+
+def test_an_interrupted_run_resumed_equals_one_run(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first checkpoint, then --resume from its saved edits: the same checkpoints,
+    the same per-record results and bit-identical saved codebooks as a run that was never stopped."""
+    import torch
+    import horen_fast.evaluate as ev
+    from horen_fast.persist import load
+    folder = save_tiny_model(tmp_path / "tiny")
+    data = write_records(tmp_path / "recs.jsonl")
+    common = ["eval", "--data", str(data), "--n", "4", "--model", str(folder), "--layer", "1",
+              "--checkpoints", "2,4", "--no-progress", "--threads", "1"]
+    whole, cut = tmp_path / "whole.json", tmp_path / "cut.json"
+    assert main(common + ["--out", str(whole), "--save-edits", str(tmp_path / "w")]) == 0
+
+    real = ev.evaluate_records
+    calls = []
+
+    def stop_at_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(ev, "evaluate_records", stop_at_second)
+    assert main(common + ["--out", str(cut), "--save-edits", str(tmp_path / "c")]) == 130
+    monkeypatch.setattr(ev, "evaluate_records", real)
+    stopped = json.loads(cut.read_text())
+    assert stopped["status"].startswith("interrupted") and [c["n"] for c in stopped["checkpoints"]] == [2]
+    capsys.readouterr()
+
+    assert main(common + ["--out", str(cut), "--save-edits", str(tmp_path / "c"), "--resume"]) == 0
+    assert "resuming after 2 edits" in capsys.readouterr().err
+    a, b = json.loads(whole.read_text()), json.loads(cut.read_text())
+    assert b["status"] == "complete" and _strip_times(a) == _strip_times(b)
+    assert a["locality_reference"] == b["locality_reference"]
+    for n in (2, 4):
+        (_, x), (_, y) = load(str(tmp_path / "w" / f"edits-{n}")), load(str(tmp_path / "c" / f"edits-{n}"))
+        assert x.ids == y.ids and torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+    assert main(common + ["--out", str(cut), "--save-edits", str(tmp_path / "c"), "--resume"]) == 2
+    assert "complete run of 4 edits; nothing to resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_records_or_config(tmp_path, capsys, monkeypatch):
+    import horen_fast.evaluate as ev
+    folder = save_tiny_model(tmp_path / "tiny")
+    data = write_records(tmp_path / "recs.jsonl")
+    out, saves = tmp_path / "r.json", tmp_path / "s"
+    common = ["--model", str(folder), "--layer", "1", "--checkpoints", "1,3", "--no-progress",
+              "--out", str(out), "--save-edits", str(saves)]
+    real = ev.evaluate_records
+    calls = []
+
+    def stop_at_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(ev, "evaluate_records", stop_at_second)
+    assert main(["eval", "--data", str(data), "--n", "3", *common]) == 130
+    monkeypatch.setattr(ev, "evaluate_records", real)
+    capsys.readouterr()
+    other = write_records(tmp_path / "other.jsonl", [dict(RECORDS[1]), *RECORDS[1:]])
+    assert main(["eval", "--data", str(other), "--n", "3", *common, "--resume"]) == 2
+    assert "record 1 differs" in capsys.readouterr().err
+    assert main(["eval", "--data", str(data), "--n", "3", *common, "--threshold", "0.5", "--resume"]) == 2
+    assert "another config" in capsys.readouterr().err
+    assert main(["eval", "--data", str(data), "--n", "3", "--model", str(folder), "--resume",
+                 "--no-progress"]) == 2
+    assert "need --out" in capsys.readouterr().err
