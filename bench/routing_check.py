@@ -12,6 +12,7 @@ not), then the metrics (Rel/Gen/Loc/OP against Rel_r/Gen_r/Loc_r/OP_r).
     nice python -m bench.routing_check full --n 300 --out /tmp/full300.json
     nice python -m bench.routing_check full --n 300 --early-stop-margin 1.0 --out /tmp/es300.json
     python -m bench.routing_check compare --full /tmp/full300.json
+    python -m bench.routing_check compare --report run.json    # horen-fast eval --save-edits DIR --out run.json
 """
 from __future__ import annotations
 
@@ -78,18 +79,45 @@ def full(args) -> None:
     print(f"done in {time.perf_counter() - t0:.0f} s: {args.out}", file=sys.stderr)
 
 
+def from_report(path: str, model, tok) -> dict:
+    """A ``full`` file's content from a ``horen-fast eval --save-edits`` report: the edits' actions
+    and entries from its records, and at each checkpoint with saved edits, the entry each prompt
+    retrieves from the codebook saved there (the full run's own keys)."""
+    from horen_fast.editor import HoReNEditor
+    from horen_fast.metrics import retrieved_entries
+    rep = json.loads(Path(path).read_text())
+    points = []
+    for c in rep["checkpoints"]:
+        if "saved_edits" not in c:
+            continue
+        n = c["n"]
+        editor = HoReNEditor.load(c["saved_edits"], model, tok)
+        try:
+            recs = rep["records"][:n]
+            prompts = [r["prompt"] for r in recs] + [r["rephrase"] for r in recs] + [r["loc_prompt"] for r in recs]
+            routes = _routes(retrieved_entries(editor, prompts), editor.config.hopfield_key_match_threshold)
+        finally:
+            editor.detach()
+        points.append({"n": n, "metrics": {k: c[k] for k in ("rel", "gen", "loc", "op")},
+                       "rel_route": routes[:n], "gen_route": routes[n:2 * n], "loc_route": routes[2 * n:]})
+        print(f"full run, checkpoint {n}: routes read from {c['saved_edits']}", file=sys.stderr, flush=True)
+    return {"data": rep["data"]["path"], "n": rep["data"]["n"], "config": rep["config"],
+            "edits": [{"id": r.get("edit_id"), "action": r.get("edit_action")} for r in rep["records"]],
+            "checkpoints": points}
+
+
 def compare(args) -> None:
     from horen_fast.config import HoReNConfig
     from horen_fast.data import read_records
     from horen_fast.models import load_model
     from horen_fast.routing import routing_run
-    ref = json.loads(Path(args.full).read_text())
+    model, tok = load_model(args.model, progress=False)
+    ref = json.loads(Path(args.full).read_text()) if args.full else from_report(args.report, model, tok)
     marks = [p["n"] for p in ref["checkpoints"]]   # the checkpoints the full run finished
     if not marks:
         raise SystemExit(f"{args.full}: no finished checkpoint yet")
     records = read_records(ref["data"], marks[-1])
     config = HoReNConfig.from_dict(ref["config"])
-    model, tok = load_model(args.model, progress=False)
     t0 = time.perf_counter()
     body = routing_run(model, tok, records, config, marks)
     seconds = time.perf_counter() - t0
@@ -127,7 +155,9 @@ def main(argv=None) -> None:
     f.add_argument("--early-stop-margin", type=float, default=None)
     f.add_argument("--out", required=True)
     c = sub.add_parser("compare")
-    c.add_argument("--full", required=True)
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("--full", help="a file written by the full subcommand")
+    which.add_argument("--report", help="a horen-fast eval report written with --save-edits")
     c.add_argument("--model", default="smollm2")
     c.add_argument("--out", default=None)
     args = p.parse_args(argv)

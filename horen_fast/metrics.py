@@ -108,9 +108,19 @@ def generate_tokens(generator, tokenizer, prompts: Sequence[str], max_new: Seque
                     batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
     """Greedy generation of ``max_new[i]`` tokens after ``prompts[i]`` for every i, in left-padded
     batches. Returns (prompt ids, generated ids) per prompt, generation cut after the first
-    end-of-sequence token (as a one-row ``generate`` would stop there)."""
+    end-of-sequence token (as a one-row ``generate`` would stop there). A prompt that repeats with
+    the same ``max_new`` (a stream's locality prompts) is generated once."""
     if len(prompts) != len(max_new):
         raise ValueError("prompts and max_new differ in length")
+    first: dict[tuple[str, int], int] = {}
+    where = [first.setdefault((p, int(k)), len(first)) for p, k in zip(prompts, max_new)]
+    if len(first) < len(prompts):
+        unique = _generate(generator, tokenizer, [p for p, _ in first], [k for _, k in first], batch_size)
+        return [(list(unique[w][0]), list(unique[w][1])) for w in where]
+    return _generate(generator, tokenizer, prompts, max_new, batch_size)
+
+
+def _generate(generator, tokenizer, prompts, max_new, batch_size):
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -166,7 +166,8 @@ def routing_command(args, records: Sequence[EditRecord], editor, config, checkpo
     same last line of JSON as eval (n, rel, gen, loc, op, entries) plus the seconds."""
     from .evaluate import plot_report, write_report
     from .data import real_positions
-    subset = real_positions(args.data, len(records))
+    data = getattr(args, "data", None)
+    subset = real_positions(data, len(records)) if data is not None else None
     body = routing_run(editor, editor.tokenizer, records, config, checkpoints, batch_size=args.batch_size,
                        keep_routes=False, progress=not args.no_progress, subset=subset)
     if subset is not None:

@@ -130,6 +130,31 @@ def test_batched_generation_equals_one_row_generate(tiny):
         assert len(gen) <= n
 
 
+def test_a_repeated_prompt_is_generated_once_with_the_same_answer(tiny):
+    model, tok = tiny
+    rows = []
+
+    class Counting:
+        def __init__(self, m):
+            self.m, self.config, self.generation_config = m, m.config, m.generation_config
+
+        def parameters(self):
+            return self.m.parameters()
+
+        def generate(self, **kw):
+            rows.append(kw["input_ids"].shape[0])
+            return self.m.generate(**kw)
+    prompts = ["Where", "nq question: who wrote the song hallelujah", "Where", "Where",
+               "nq question: who wrote the song hallelujah"]
+    max_new = [3, 2, 3, 4, 2]
+    got = generate_tokens(Counting(model), tok, prompts, max_new, batch_size=8)
+    assert sum(rows) == 3                       # ("Where", 3), (nq, 2), ("Where", 4)
+    for p, n, (p_ids, gen) in zip(prompts, max_new, got):
+        assert p_ids == tok(p)["input_ids"] and gen == _one_row(model, tok, p, n)
+    got[0][1].append(-1)                        # each row is its own list
+    assert got[2][1] == _one_row(model, tok, "Where", 3)
+
+
 def test_generation_stops_at_eos():
     tok = byte_bpe_tokenizer()
     model = tiny_llama(len(tok), seed=1, eos_token_id=tok.eos_token_id)

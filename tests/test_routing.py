@@ -150,3 +150,36 @@ def test_eval_routing_only_from_the_command_line(tmp_path, capsys):
     assert rc == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["n"] == len(tm.RECORDS) and last["routing_only"]
+
+
+def test_the_rates_over_a_subset_are_those_of_its_records():
+    """Two subsets that split the records give rates whose weighted mean is the whole run's."""
+    tok = tm.tokenizer()
+    model = tm.model("llama", seed=7)
+    records = stream()
+    cfg = HoReNConfig(layer=1, hopfield_key_match_threshold=threshold_with_a_mix(model, tok, records, 1))
+    a, b = [0, 2, 5, 7], [1, 3, 4, 6]
+    runs = [routing_run(model, tok, records, cfg, [3, 8], subset=s) for s in (a, b, list(range(8)))]
+    for pa, pb, pall in zip(*(r["checkpoints"] for r in runs)):
+        k = pall["n"]
+        assert pa["subset"]["n"] == sum(i < k for i in a) and pb["subset"]["n"] == sum(i < k for i in b)
+        for kind in ("rel", "gen", "loc"):
+            assert pall["subset"][kind] == pytest.approx(pall[kind])
+            assert (pa["subset"]["n"] * pa["subset"][kind] + pb["subset"]["n"] * pb["subset"][kind]
+                    == pytest.approx(k * pall[kind]))
+    assert len({r["checkpoints"][-1]["rel"] for r in runs}) == 1 and 0 < runs[0]["checkpoints"][-1]["gen"] < 1
+
+
+def test_a_streams_real_records_are_found_and_reported(tmp_path, capsys):
+    from horen_fast.cli import main
+    from horen_fast.data import real_positions
+    folder = tm.save_tiny_model(tmp_path / "tiny")
+    rows = [{**r, "synthetic": i % 2 == 1} for i, r in enumerate(tm.RECORDS)]
+    data = tm.write_records(tmp_path / "stream.jsonl", rows)
+    assert real_positions(data) == [i for i in range(len(rows)) if i % 2 == 0]
+    assert real_positions(tm.write_records(tmp_path / "plain.jsonl")) is None
+    assert main(["eval", "--routing-only", "--data", str(data), "--model", str(folder), "--layer", "1",
+                 "--threshold", "0.9", "--out", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["checkpoints"][-1]["subset"]["n"] == len(real_positions(data))
+    assert "real records" in report["subset_is"]
