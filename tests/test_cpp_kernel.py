@@ -1,5 +1,7 @@
 """The fused C++ CPU kernel (csrc/retrieve) against the float64 oracle, on every instruction set
 this CPU has (HOREN_FAST_CPU_ISA), with shapes that hit every tail of its loops."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -223,6 +225,40 @@ def _sysfs_l2_per_core():
     return None
 
 
+def _fixed(m):
+    return {k: v for k, v in m.items() if k != "threads_late"}
+
+
+def test_the_work_per_thread_is_measured_on_this_machine():
+    m = native.machine()
+    assert m["fork_join_ns"] >= 0 and m["mac_rate"] > 1e8
+    assert 64 << 10 <= m["measured_work_per_thread"] <= 4 << 20
+    assert m["work_per_thread"] == m["measured_work_per_thread"]
+    assert m["long_work"] >= 16 * m["work_per_thread"] and isinstance(m["threads_late"], bool)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("b", [1, 12])
+def test_how_many_threads_run_the_parts_does_not_change_a_bit(b):
+    """The keys are split into parts fixed by the threads asked for (and the CPUs and N); one
+    thread or two running them (the work per thread, or the late-worker guard, decides) give the
+    same bits."""
+    keys, queries = case(77, 3001, 96, b)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        native.set_tuning(work_per_thread=1)
+        two = retrieve(queries, keys, backend="cpp", threshold=0.2)
+        native.set_tuning(work_per_thread=1 << 40)
+        one = retrieve(queries, keys, backend="cpp", threshold=0.2)
+    finally:
+        torch.set_num_threads(before)
+        native.set_tuning()
+    assert torch.equal(one.index, two.index) and torch.equal(one.matched, two.matched)
+    torch.testing.assert_close(one.score, two.score, rtol=0, atol=0, equal_nan=True)   # bit for bit
+    assert bool(one.matched.any())
+
+
 def test_tuning_follows_the_machine_and_can_be_overridden():
     m = native.machine()
     l2 = _sysfs_l2_per_core()
@@ -241,6 +277,6 @@ def test_tuning_follows_the_machine_and_can_be_overridden():
     finally:
         torch.set_num_threads(before)
         native.set_tuning()
-    assert native.machine() == m
+    assert _fixed(native.machine()) == _fixed(m)
     with pytest.raises(ValueError, match="tile_bytes"):
         native.set_tuning(tile_bytes=-1)

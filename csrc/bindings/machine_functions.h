@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../common/machine.h"
+#include "../common/threads.h"
 
 namespace horen {
 
@@ -23,6 +24,11 @@ inline void add_machine_functions(pybind11::module_& m) {
         d["cache_source"] = mc.cache_source;
         d["tile_bytes"] = mc.tile_bytes;
         d["work_per_thread"] = mc.work_per_thread;
+        d["measured_work_per_thread"] = mc.measured_work_per_thread;
+        d["long_work"] = mc.long_work;
+        d["fork_join_ns"] = mc.fork_join_ns;
+        d["mac_rate"] = mc.mac_rate;
+        d["threads_late"] = threads_late();
         return d;
     }, "The detected caches and the tuning derived from them (csrc/common/machine.h).");
     m.def("set_tuning", [](int64_t tile_bytes, int64_t work_per_thread) {
@@ -33,7 +39,7 @@ inline void add_machine_functions(pybind11::module_& m) {
         const Machine detected = machine_detail::detect();
         Machine& mc = machine();
         mc.tile_bytes = tile_bytes > 0 ? tile_bytes : detected.tile_bytes;
-        mc.work_per_thread = work_per_thread > 0 ? work_per_thread : detected.work_per_thread;
+        mc.work_per_thread = work_per_thread > 0 ? work_per_thread : mc.measured_work_per_thread;
     }, py::arg("tile_bytes"), py::arg("work_per_thread"),
        "Override the tile size (bytes of keys) and the multiply-adds per thread at 16 lanes; 0 restores "
        "the detected value. For experiments: call it while no kernel runs.");

@@ -432,8 +432,7 @@ public:
         }
         // Bound the scratch memory (scores [G, N] and per-thread sums [threads, G, d]) by
         // processing the queries in groups; each group reads the keys once per step.
-        const int nt = threads_for(static_cast<int64_t>(rows.size()));
-        const int64_t per_row = p_.N + static_cast<int64_t>(nt + 1) * d + tile_;
+        const int64_t per_row = p_.N + static_cast<int64_t>(parts() + 1) * d + tile_;
         const int64_t budget = int64_t(1) << 26;  // elements
         const int64_t G = std::max<int64_t>(1, std::min<int64_t>(256, budget / per_row));
         for (size_t g0 = 0; g0 < rows.size(); g0 += G) {
@@ -467,8 +466,12 @@ private:
 
     const KT* key(int64_t i) const { return static_cast<const KT*>(p_.k) + i * p_.ks; }
 
+    // the parts a pass splits the keys into (at least 4 keys each): fixed by the threads asked
+    // for, the CPUs and N, so that results do not depend on how many threads run them
+    int parts() const { return parts_for_work(p_.nthreads, p_.N / 4); }
+
     int threads_for(int64_t rows) const {
-        // a thread only for enough multiply-adds (csrc/common/threads.h), and at least 4 keys each
+        // a thread only for enough multiply-adds (csrc/common/threads.h), at most one per part
         const int64_t work = 2 * p_.N * p_.d * std::max<int64_t>(1, rows);
         return threads_for_work(work, p_.nthreads, isa_, p_.N / 4);
     }
@@ -540,6 +543,7 @@ private:
     // matter since r = normalize(acc)).
     void pass(const F* Qa, int64_t Ba, bool softmax, bool want_norms) {
         const int64_t N = p_.N, d = p_.d;
+        const int np = parts();
         const int nt = threads_for(Ba);
         const int T = tile_;
         S_.resize(Ba * N);
@@ -547,23 +551,19 @@ private:
         if (want_norms) norms_.resize(N);
         if (softmax) {
             acc_.assign(Ba * d, F(0));
-            accT_.resize(static_cast<size_t>(nt) * Ba * d);
-            mT_.assign(static_cast<size_t>(nt) * Ba, -std::numeric_limits<F>::infinity());
-            wT_.resize(static_cast<size_t>(nt) * Ba * T);
+            accT_.resize(static_cast<size_t>(np) * Ba * d);
+            mT_.assign(static_cast<size_t>(np) * Ba, -std::numeric_limits<F>::infinity());
+            wT_.resize(static_cast<size_t>(np) * Ba * T);
         }
-        // contiguous key ranges per thread, multiples of 4 keys
-        int64_t chunk = (N + nt - 1) / nt;
+        // contiguous key ranges per part, multiples of 4 keys
+        int64_t chunk = (N + np - 1) / np;
         chunk = (chunk + 3) / 4 * 4;
         const F beta = static_cast<F>(p_.beta);
         // w = exp(beta s - m) with m at most MARGIN below the row's max: no overflow, fewer rescales
         const F margin = F(8);
-#pragma omp parallel num_threads(nt)
-        {
-#ifdef _OPENMP
-            const int tid = omp_get_thread_num();
-#else
-            const int tid = 0;
-#endif
+        JoinClock clock(nt, np);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+        for (int tid = 0; tid < np; ++tid) {
             const int64_t n0 = std::min<int64_t>(N, tid * chunk), n1 = std::min<int64_t>(N, n0 + chunk);
             F* accT = softmax ? &accT_[static_cast<size_t>(tid) * Ba * d] : nullptr;
             F* m = softmax ? &mT_[static_cast<size_t>(tid) * Ba] : nullptr;
@@ -590,15 +590,17 @@ private:
                 ks_.axpy(kp, p_.ks, nj, w, T, static_cast<int>(Ba), d, accT, d,
                          pfn > 0 ? key(j0 + T) : nullptr, static_cast<int>(std::max<int64_t>(0, pfn)));
             }
+            clock.part_done();
         }
+        clock.joined();
         if (!softmax) return;
         // Combine the per-thread sums after the join (one synchronization per pass; the sums are
         // small next to the keys). Fixed thread order: the result depends only on the thread count.
         for (int64_t a = 0; a < Ba; ++a) {
             F M = -std::numeric_limits<F>::infinity();
-            for (int u = 0; u < nt; ++u) M = std::max(M, mT_[static_cast<size_t>(u) * Ba + a]);
+            for (int u = 0; u < np; ++u) M = std::max(M, mT_[static_cast<size_t>(u) * Ba + a]);
             F* dst = &acc_[a * d];
-            for (int u = 0; u < nt; ++u) {
+            for (int u = 0; u < np; ++u) {
                 F mu = mT_[static_cast<size_t>(u) * Ba + a];
                 if (!(mu > -std::numeric_limits<F>::infinity())) continue;
                 F f = static_cast<F>(std::exp(mu - M));
@@ -615,6 +617,7 @@ private:
         const int64_t W = ks_.lanes, dv = (d + W - 1) / W, blocks = (Ba + BR - 1) / BR, Bp = blocks * BR;
         const int64_t bsize = dv * BR * W;  // elements of one packed block
         const int64_t qbsize = (dv + 1) / 2 * 2 * BR * W;  // of a block of queries (whole vector pairs)
+        const int np = parts();
         const int nt = threads_for(Ba);
         const int T = btile_;
         S_.resize(Bp * N);
@@ -639,25 +642,21 @@ private:
         }
         split_scores_ = ks_.split;
         if (softmax) {
-            accT_.resize(static_cast<size_t>(nt) * blocks * bsize);
-            mT_.assign(static_cast<size_t>(nt) * Bp, -std::numeric_limits<F>::infinity());
-            wT_.resize(static_cast<size_t>(nt) * Bp * T);
+            accT_.resize(static_cast<size_t>(np) * blocks * bsize);
+            mT_.assign(static_cast<size_t>(np) * Bp, -std::numeric_limits<F>::infinity());
+            wT_.resize(static_cast<size_t>(np) * Bp * T);
         }
-        const int64_t psize = (blocks * BR + 1) * static_cast<int64_t>(T) * W;  // partials of a thread
-        partT_.resize(static_cast<size_t>(nt) * psize);
-        int64_t chunk = (N + nt - 1) / nt;
+        const int64_t psize = (blocks * BR + 1) * static_cast<int64_t>(T) * W;  // partials of a part
+        partT_.resize(static_cast<size_t>(np) * psize);
+        int64_t chunk = (N + np - 1) / np;
         chunk = (chunk + 3) / 4 * 4;
         const F beta = static_cast<F>(p_.beta);
         const F margin = F(8);  // as in pass()
         const F ninf = -std::numeric_limits<F>::infinity();
         const int64_t ch = ks_.chunk;
-#pragma omp parallel num_threads(nt)
-        {
-#ifdef _OPENMP
-            const int tid = omp_get_thread_num();
-#else
-            const int tid = 0;
-#endif
+        JoinClock clock(nt, np);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+        for (int tid = 0; tid < np; ++tid) {
             const int64_t n0 = std::min<int64_t>(N, tid * chunk), n1 = std::min<int64_t>(N, n0 + chunk);
             F* accT = softmax ? &accT_[static_cast<size_t>(tid) * blocks * bsize] : nullptr;
             F* m = softmax ? &mT_[static_cast<size_t>(tid) * Bp] : nullptr;
@@ -711,14 +710,16 @@ private:
                         ks_.baxpy(kp, p_.ks, nj, w + blk * BR * T, T, cv0, std::min(dv, cv0 + ch), d,
                                   accT + blk * bsize, blk == 0 ? next : nullptr, blk == 0 ? nj : 0);
             }
+            clock.part_done();
         }
+        clock.joined();
         if (!softmax) return;
         acc_.assign(Ba * d, F(0));
         for (int64_t a = 0; a < Ba; ++a) {
             F M = ninf;
-            for (int u = 0; u < nt; ++u) M = std::max(M, mT_[static_cast<size_t>(u) * Bp + a]);
+            for (int u = 0; u < np; ++u) M = std::max(M, mT_[static_cast<size_t>(u) * Bp + a]);
             F* dst = &acc_[a * d];
-            for (int u = 0; u < nt; ++u) {
+            for (int u = 0; u < np; ++u) {
                 const F mu = mT_[static_cast<size_t>(u) * Bp + a];
                 if (!(mu > ninf)) continue;
                 const F f = static_cast<F>(std::exp(mu - M));
