@@ -209,6 +209,21 @@ def _strip_times(report):
     return points, records
 
 
+def _ctrl_c_at_the_second_checkpoint(monkeypatch):
+    """Make the eval command's second evaluation raise KeyboardInterrupt; returns the real one."""
+    import horen_fast.evaluate as ev
+    real = ev.evaluate_records
+    calls = []
+
+    def stop_at_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(ev, "evaluate_records", stop_at_second)
+    return real
+
+
 def test_an_interrupted_run_resumed_equals_one_run(tmp_path, capsys, monkeypatch):
     """Ctrl-C after the first checkpoint, then --resume from its saved edits: the same checkpoints,
     the same per-record results and bit-identical saved codebooks as a run that was never stopped."""
@@ -222,15 +237,7 @@ def test_an_interrupted_run_resumed_equals_one_run(tmp_path, capsys, monkeypatch
     whole, cut = tmp_path / "whole.json", tmp_path / "cut.json"
     assert main(common + ["--out", str(whole), "--save-edits", str(tmp_path / "w")]) == 0
 
-    real = ev.evaluate_records
-    calls = []
-
-    def stop_at_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(ev, "evaluate_records", stop_at_second)
+    real = _ctrl_c_at_the_second_checkpoint(monkeypatch)
     assert main(common + ["--out", str(cut), "--save-edits", str(tmp_path / "c")]) == 130
     monkeypatch.setattr(ev, "evaluate_records", real)
     stopped = json.loads(cut.read_text())
@@ -256,15 +263,7 @@ def test_resume_refuses_other_records_or_config(tmp_path, capsys, monkeypatch):
     out, saves = tmp_path / "r.json", tmp_path / "s"
     common = ["--model", str(folder), "--layer", "1", "--checkpoints", "1,3", "--no-progress",
               "--out", str(out), "--save-edits", str(saves)]
-    real = ev.evaluate_records
-    calls = []
-
-    def stop_at_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(ev, "evaluate_records", stop_at_second)
+    real = _ctrl_c_at_the_second_checkpoint(monkeypatch)
     assert main(["eval", "--data", str(data), "--n", "3", *common]) == 130
     monkeypatch.setattr(ev, "evaluate_records", real)
     capsys.readouterr()
