@@ -75,16 +75,21 @@ def routing_counts(routes: Sequence[int], own: Sequence[int], wanted: Sequence[t
     return c
 
 
-def _subset_rates(routes: dict, own, labels, label_of: dict, rows: list[int]) -> dict:
-    """Rel_r / Gen_r / Loc_r / OP_r over the records at ``rows``."""
-    out = {"n": len(rows)}
-    if not rows:
-        return out
-    for kind in KINDS:
-        c = routing_counts([routes[kind][i] for i in rows], [own[i] for i in rows], [labels[i] for i in rows], label_of)
-        out[kind] = (c["none"] if kind == "loc" else c["own"] + c["same_target"]) / len(rows)
+def _rates(counts: dict, n: int) -> dict:
+    """Rel_r / Gen_r / Loc_r / OP_r of {kind: routing_counts} over n records."""
+    out = {kind: (counts[kind]["none"] if kind == "loc" else counts[kind]["own"] + counts[kind]["same_target"]) / n
+           for kind in KINDS}
     out["op"] = overall(out["rel"], out["gen"], out["loc"])
     return out
+
+
+def _subset_rates(routes: dict, own, labels, label_of: dict, rows: list[int]) -> dict:
+    """The rates over the records at ``rows`` (and their number n)."""
+    if not rows:
+        return {"n": 0}
+    counts = {kind: routing_counts([routes[kind][i] for i in rows], [own[i] for i in rows],
+                                   [labels[i] for i in rows], label_of) for kind in KINDS}
+    return {"n": len(rows), **_rates(counts, len(rows))}
 
 
 def routing_run(model, tokenizer, records: Sequence[EditRecord], config, checkpoints: Sequence[int] | None = None,
@@ -135,11 +140,7 @@ def routing_run(model, tokenizer, records: Sequence[EditRecord], config, checkpo
         for kind in KINDS:
             routes[kind] = [reach[where[kind][i]] for i in range(k)]
             point["counts"][kind] = routing_counts(routes[kind], state.entry_of[:k], labels[:k], label_of)
-        c = point["counts"]
-        point["rel"] = (c["rel"]["own"] + c["rel"]["same_target"]) / k
-        point["gen"] = (c["gen"]["own"] + c["gen"]["same_target"]) / k
-        point["loc"] = c["loc"]["none"] / k
-        point["op"] = overall(point["rel"], point["gen"], point["loc"])
+        point.update(_rates(point["counts"], k))
         if subset is not None:
             point["subset"] = _subset_rates(routes, state.entry_of, labels, label_of, [i for i in subset if i < k])
         if keep_routes:

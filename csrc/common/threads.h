@@ -10,7 +10,7 @@
 // first thread and than 0.5 ms (a slice, not the jitter of a wake-up) marks the workers late for a window (100 ms, doubled on each late pass
 // in a row up to 6.4 s, back to 100 ms after a pass on time). While they are late, passes shorter
 // than machine().long_work (about 2 ms on one core) run on one thread. The thread count changes
-// no result: the kernels split their work into a fixed number of parts (parts_for_work) whatever
+// no result: the kernels split their work into a fixed number of parts (parts_for) whatever
 // the number of threads that run them.
 #pragma once
 
@@ -73,7 +73,7 @@ private:
 };
 
 // the parts a pass splits into: at most ``requested`` (>= 1), the CPUs and ``cap``
-inline int parts_for_work(int requested, int64_t cap = INT64_MAX) {
+inline int parts_for(int requested, int64_t cap = INT64_MAX) {
     const int64_t asked = std::min<int64_t>(std::max(requested, 1), machine().cpus);
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(asked, std::max<int64_t>(cap, 1))));
 }
@@ -82,7 +82,7 @@ inline int parts_for_work(int requested, int64_t cap = INT64_MAX) {
 // the CPUs and ``cap``; one for a short pass while the workers are late
 inline int threads_for_work(int64_t work, int requested, Isa isa, int64_t cap = INT64_MAX) {
     const int64_t useful = std::max<int64_t>(1, work / min_work_per_thread(isa));
-    const int64_t t = std::min<int64_t>(parts_for_work(requested, cap), useful);
+    const int64_t t = std::min<int64_t>(parts_for(requested, cap), useful);
     if (t > 1 && threads_late() && work < machine().long_work * lanes(isa) / 16) return 1;
     return static_cast<int>(std::max<int64_t>(1, t));
 }

@@ -468,7 +468,7 @@ private:
 
     // the parts a pass splits the keys into (at least 4 keys each): fixed by the threads asked
     // for, the CPUs and N, so that results do not depend on how many threads run them
-    int parts() const { return parts_for_work(p_.nthreads, p_.N / 4); }
+    int parts() const { return parts_for(p_.nthreads, p_.N / 4); }
 
     int threads_for(int64_t rows) const {
         // a thread only for enough multiply-adds (csrc/common/threads.h), at most one per part
