@@ -1,10 +1,12 @@
 """The routing-exact curve of a stream with the fully trained run's checkpoints on the same axes
 (issue 14, item 4), and the table of both.
 
-    python -m bench.scale_plot --routing r50k.json [--full full10k.json] --out bench/results/scale.png
+    python -m bench.scale_plot --routing r50k.json [--full full10k.json ...] --out bench/results/scale.png
 
-``--routing``: a ``horen-fast eval --routing-only --out`` report; ``--full``: a ``horen-fast eval
---out`` report of the same stream (finished or not: its finished checkpoints are drawn). Solid
+``--routing``: a ``horen-fast eval --routing-only --out`` report; ``--full`` (repeatable): a
+``horen-fast eval --out`` report of the same stream, or any JSON with its ``checkpoints`` (finished
+or not: its finished checkpoints are drawn; where two files hold the same checkpoint, the later
+file's is used). Solid
 lines: Rel_r / Gen_r / Loc_r / OP_r; markers without lines: the full run's Rel / Gen / Loc / OP.
 Prints a Markdown table of both at every checkpoint of the routing run.
 """
@@ -20,13 +22,12 @@ KEYS = (("rel", "Rel", "tab:blue"), ("gen", "Gen", "tab:orange"), ("loc", "Loc",
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--routing", required=True)
-    ap.add_argument("--full", default=None)
+    ap.add_argument("--full", action="append", default=[])
     ap.add_argument("--out", default=None, help="PNG to write")
     args = ap.parse_args(argv)
     routing = json.loads(Path(args.routing).read_text())
-    full = json.loads(Path(args.full).read_text()) if args.full else None
     rpts = routing["checkpoints"]
-    fpts = {c["n"]: c for c in (full["checkpoints"] if full else [])}
+    fpts = {c["n"]: c for path in args.full for c in json.loads(Path(path).read_text())["checkpoints"]}
     print("| edits | entries | Rel_r | Gen_r | Loc_r | OP_r | real records: n, OP_r | full run: Rel | Gen | Loc | OP |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in rpts:
