@@ -16,7 +16,6 @@ at each step), so the edits are exactly the ones ``edit_many`` makes.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -64,21 +63,17 @@ def main(argv=None) -> int:
     per_batch = args.n_iter + 1
     if len(traces) % per_batch:
         raise SystemExit(f"unexpected trace length {len(traces)} (not a multiple of {per_batch})")
-    loss_rows, margin_rows = [], []
-    for b in range(0, len(traces), per_batch):
-        loss_rows.append(torch.stack([t[0] for t in traces[b:b + per_batch]]))      # [steps, rows]
-        margin_rows.append(torch.stack([t[1] for t in traces[b:b + per_batch]]))
-    loss = torch.cat(loss_rows, 1).float()
-    margin = torch.cat(margin_rows, 1).float()
-    n = margin.shape[1]
-    print(f"{n} edits, n_iter {args.n_iter}, layer {args.layer}, model {args.model}")
+    # [steps, edits]: each batch's passes stacked, the batches side by side
+    loss, margin = (torch.cat([torch.stack([t[k] for t in traces[b:b + per_batch]])
+                               for b in range(0, len(traces), per_batch)], 1).float() for k in (0, 1))
+    print(f"{margin.shape[1]} edits, n_iter {args.n_iter}, layer {args.layer}, model {args.model}")
     print("| margin m | mean first step reaching m | largest | edits that never reach it |")
     print("| ---: | ---: | ---: | ---: |")
     for m in (float(x) for x in args.margins.split(",")):
         reached = margin >= m
-        first = [int(reached[:, i].nonzero()[0]) if reached[:, i].any() else per_batch for i in range(n)]
-        never = sum(not reached[:, i].any() for i in range(n))
-        print(f"| {m:g} | {statistics.mean(first):.1f} | {max(first)} | {never} |")
+        hit = reached.any(0)
+        first = torch.where(hit, reached.int().argmax(0), per_batch).float()
+        print(f"| {m:g} | {first.mean().item():.1f} | {int(first.max())} | {int((~hit).sum())} |")
     print("| step | median margin | median loss |")
     print("| ---: | ---: | ---: |")
     for s in sorted({5, 10, 20, 30, 40, args.n_iter} & set(range(per_batch))):

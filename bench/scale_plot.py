@@ -6,8 +6,8 @@
 ``--routing``: a ``horen-fast eval --routing-only --out`` report; ``--full`` (repeatable): a
 ``horen-fast eval --out`` report of the same stream, or any JSON with its ``checkpoints`` (finished
 or not: its finished checkpoints are drawn; where two files hold the same checkpoint, the later
-file's is used). Solid
-lines: Rel_r / Gen_r / Loc_r / OP_r; markers without lines: the full run's Rel / Gen / Loc / OP.
+file's is used). Solid lines: Rel_r / Gen_r / Loc_r / OP_r; markers without lines: the full run's
+Rel / Gen / Loc / OP.
 Prints a Markdown table of both at every checkpoint of the routing run.
 """
 from __future__ import annotations
