@@ -88,10 +88,21 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags) or platform.machine()
 
 
+def _split_speedup() -> dict:
+    from . import native
+    return native.split_speedup()
+
+
+def _split_bar() -> dict:
+    from . import native
+    return native.SPLIT_MIN_SPEEDUP
+
+
 def machine_info() -> dict:
     m = _native_machine()
     return {
         "cpu": cpu_model(), "flags": cpu_flags(), "kernel_isa": _native_isa() if m else None,
+        "split_speedup": _split_speedup() if m else {},
         "caches": caches(), "tile_bytes": m.get("tile_bytes"), "cores": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -208,6 +219,9 @@ def format_table(info: dict, probe: dict, rows: list[dict]) -> str:
     head = [f"CPU: {info['cpu']} ({info['cores']} cores, {info['threads']} torch threads); "
             f"flags: {info['flags']}; C++ kernel ISA: {info['kernel_isa']}, tile {info['tile_bytes']} bytes",
             f"caches: {c}; torch {info['torch']}; {info['date']}; load average {info['loadavg_1min']:.2f}",
+            "bf16 split of the batched scores, measured: " + (", ".join(
+                f"{k} keys {v:.2f}x" for k, v in info.get("split_speedup", {}).items()) or "not available")
+            + " (auto's bar: " + ", ".join(f"{k} {v}x" for k, v in _split_bar().items()) + ")",
             f"probed streaming read: {probe['rate'] / 1e9:.1f} GB/s ({probe['bytes'] >> 20} MiB buffer)",
             "", "| N | d | B | keys | impl | median ms | vs published | x one read | key GB/s |",
             "|---:|---:|---:|---|---|---:|---:|---:|---:|"]

@@ -17,10 +17,15 @@ name the argument; the reasons functions here say, before a call, why the C++ co
 the instruction set of every native call; it is read here and nowhere else (at each call, so that
 tests and comparisons can switch it). ``avx512bf16`` is ``avx512`` with the scores of the retrieval
 kernel's batched loops (8 or more query rows) as AVX512_BF16 dot products of hi/lo bfloat16 splits
-(csrc/retrieve/bf16_split.h); ``auto`` never picks it, since on the CPUs measured (Zen 5) a bfloat16
-dot product runs at the rate of a float32 FMA and the split needs 2 or 3 of them per pair. Tile sizes and thread counts follow the machine (caches,
-instruction set: csrc/common/machine.h); ``machine()`` shows them, ``set_tuning`` overrides them
-for experiments.
+(csrc/retrieve/bf16_split.h). Whether that is faster depends on the CPU and the key dtype (on
+Zen 4 a 512-bit bfloat16 dot product issues at the rate of a 512-bit FMA: 2 of them per 32
+elements for bfloat16 keys beat the FMAs and their widening, 3 for float32 keys do not), so
+``auto`` measures it: ``split_speedup()`` times a batched pass (scores and weighted sums) both ways
+on one L2-resident tile per CPU, once per process at the first batched call, and ``auto`` takes the
+split for a key dtype where it is at least SPLIT_MIN_SPEEDUP[dtype] faster. The split scores differ from the FMA scores in their last
+bits, so pin ``HOREN_FAST_CPU_ISA`` where results must match bit for bit across processes. Tile
+sizes and thread counts follow the machine (caches, instruction set: csrc/common/machine.h);
+``machine()`` shows them, ``set_tuning`` overrides them for experiments.
 """
 from __future__ import annotations
 
@@ -43,8 +48,8 @@ except ImportError as exc:
 else:
     _sketch_missing = ""
 
-__all__ = ["ISA_VARIABLE", "ISAS", "RETRIEVE_BUILT", "SKETCH_BUILT", "best_isa", "supported_isas",
-           "cpu_isa", "isa_reasons", "machine", "set_tuning", "retrieve", "retrieve_reasons", "sketch_scan",
+__all__ = ["ISA_VARIABLE", "ISAS", "RETRIEVE_BUILT", "SKETCH_BUILT", "SPLIT_MIN_SPEEDUP", "best_isa",
+           "supported_isas", "cpu_isa", "isa_reasons", "split_speedup", "retrieve_isa", "machine", "set_tuning", "retrieve", "retrieve_reasons", "sketch_scan",
            "sketch_rescue", "sketch_reasons", "pair_dots", "pair_dots_reasons"]
 
 ISA_VARIABLE = "HOREN_FAST_CPU_ISA"
@@ -93,13 +98,17 @@ def isa_reasons() -> list[str]:
 
 
 def cpu_isa() -> str:
-    """The instruction set the next native call uses: HOREN_FAST_CPU_ISA, or the best this CPU has.
-    Raises ValueError naming the variable when it asks for something this CPU cannot do."""
-    isa = _requested()
-    why = _isa_reasons(isa)
+    """The instruction set the next native call uses: HOREN_FAST_CPU_ISA, or the best this CPU has
+    (under ``auto`` a batched retrieval may take the split scores on top: retrieve_isa). Raises
+    ValueError naming the variable when it asks for something this CPU cannot do."""
+    return _resolved(_requested())
+
+
+def _resolved(requested: str) -> str:
+    why = _isa_reasons(requested)
     if why:
         raise ValueError(why[0])
-    return _BEST if isa == "auto" else isa
+    return _BEST if requested == "auto" else requested
 
 
 def machine() -> dict:
@@ -133,6 +142,43 @@ def _cpu_reasons(**tensors) -> list[str]:
             for name, t in tensors.items() if t.device.type != "cpu"]
 
 
+# ---- the bfloat16 split of the batched scores, measured (csrc/retrieve/retrieve.h) ----------------
+# The probe runs from L2; a real pass streams its keys. On Zen 4 (2026-12-02, bench/RESULTS.md) it
+# read 1.08-1.33x for bfloat16 keys, whose split never lost a whole retrieval (1.02-1.30x faster),
+# and 1.03-1.09x for float32 keys, whose split lost every whole retrieval (0.86-0.92x): float32 keys
+# need the margin that covers that bias (3 dot products per pair against 2 FMAs).
+SPLIT_MIN_SPEEDUP = {"bfloat16": 1.05, "float32": 1.25}
+_split_measured: dict[str, float] | None = None
+
+
+def split_speedup() -> dict[str, float]:
+    """How many times faster the retrieval kernel's batched score loops run as AVX512_BF16 split
+    dot products than as float32 FMAs on this CPU, per key dtype ("bfloat16", "float32"), measured
+    once per process (about 6 ms); {} where the CPU lacks AVX512_BF16 or the kernel is not built."""
+    global _split_measured
+    if _split_measured is None:
+        ok = _retrieve_ext is not None and "avx512bf16" in _SUPPORTED
+        _split_measured = dict(_retrieve_ext.split_speedup()) if ok else {}
+    return dict(_split_measured)
+
+
+_SPLIT_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def retrieve_isa(queries: torch.Tensor, keys: torch.Tensor) -> str:
+    """The instruction set of a retrieval call: HOREN_FAST_CPU_ISA when it names one; under
+    ``auto``, the best this CPU has, with the split scores (``avx512bf16``) for 8 or more float32
+    queries against keys of a dtype whose measured split_speedup() reaches SPLIT_MIN_SPEEDUP."""
+    requested = _requested()  # the variable is read once per call
+    isa = _resolved(requested)
+    if (requested == "auto" and isa == "avx512" and queries.dim() == 2 and queries.shape[0] >= 8
+            and queries.dtype == torch.float32 and keys.dtype in _SPLIT_DTYPES):
+        name = _SPLIT_DTYPES[keys.dtype]
+        if split_speedup().get(name, 0.0) >= SPLIT_MIN_SPEEDUP[name]:
+            return "avx512bf16"
+    return isa
+
+
 # ---- retrieval (horen_fast/backends/cpp.py) -----------------------------------------------------
 def retrieve_reasons(queries: torch.Tensor, keys: torch.Tensor) -> list[str]:
     """Why the fused retrieval kernel cannot take these tensors ([] = it can)."""
@@ -149,7 +195,8 @@ def retrieve(queries: torch.Tensor, keys: torch.Tensor, out_index: torch.Tensor,
     if _retrieve_ext is None:
         raise RuntimeError(_built_reasons(None, _retrieve_missing, "retrieval (horen_fast._C)")[0])
     _retrieve_ext.retrieve(queries, keys, out_index, out_score, out_matched, params.beta, params.alpha,
-                           params.steps, params.threshold, params.eps, cpu_isa(), torch.get_num_threads())
+                           params.steps, params.threshold, params.eps, retrieve_isa(queries, keys),
+                           torch.get_num_threads())
 
 
 # ---- the key sketch's passes (horen_fast/sketch.py) ----------------------------------------------

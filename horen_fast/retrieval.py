@@ -74,6 +74,8 @@ def check_params(beta: float, alpha: float, steps: int, threshold: float, eps: f
 
 
 def _real(x) -> bool:  # a plain or numpy number, not a bool
+    if type(x) is float or type(x) is int:  # the common case, without the ABC checks (per call)
+        return True
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 

@@ -280,3 +280,37 @@ def test_tuning_follows_the_machine_and_can_be_overridden():
     assert _fixed(native.machine()) == _fixed(m)
     with pytest.raises(ValueError, match="tile_bytes"):
         native.set_tuning(tile_bytes=-1)
+
+
+# ---- auto's choice of the bfloat16 split scores (horen_fast.native.retrieve_isa) -------------------
+@pytest.mark.skipif("avx512bf16" not in ISAS, reason="this CPU lacks AVX512_BF16")
+def test_the_split_speedup_is_measured_per_key_dtype():
+    s = native.split_speedup()
+    assert set(s) == {"bfloat16", "float32"}
+    assert all(0.05 < v < 20 for v in s.values()), s
+    assert native.split_speedup() == s  # measured once per process
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_auto_takes_the_split_only_where_it_measured_faster(dtype, monkeypatch):
+    monkeypatch.delenv("HOREN_FAST_CPU_ISA", raising=False)
+    keys, queries = case(41, 300, 200, 16, dtype)
+    got = native.retrieve_isa(queries, keys)
+    name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    faster = native.split_speedup().get(name, 0.0)
+    assert got == ("avx512bf16" if faster >= native.SPLIT_MIN_SPEEDUP[name] else native.best_isa())
+    assert native.retrieve_isa(queries[:7], keys) == native.best_isa()  # fewer than 8 rows: no batched loops
+    assert native.retrieve_isa(queries.double(), keys.double()) == native.best_isa()
+    auto = retrieve(queries, keys, backend="cpp")
+    assert_agrees(auto, oracle_retrieve(queries.double().numpy(), keys.double().numpy()), context=f"auto {dtype}")
+    monkeypatch.setenv("HOREN_FAST_CPU_ISA", got)  # auto ran exactly the path it names
+    pinned = retrieve(queries, keys, backend="cpp")
+    assert torch.equal(auto.index, pinned.index)
+    assert torch.equal(auto.score.nan_to_num(-9), pinned.score.nan_to_num(-9))
+
+
+def test_a_pinned_isa_is_never_changed_by_the_split_rule(monkeypatch):
+    keys, queries = case(42, 100, 64, 16, torch.bfloat16)
+    for isa in ISAS:
+        monkeypatch.setenv("HOREN_FAST_CPU_ISA", isa)
+        assert native.retrieve_isa(queries, keys) == isa

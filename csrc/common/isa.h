@@ -95,8 +95,9 @@ inline const char* isa_name(Isa isa) {
     return isa == Isa::avx512bf16 ? "avx512bf16" : isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "scalar";
 }
 
-// "auto" | "avx512" | "avx512bf16" | "avx2" | "scalar" -> Isa; false for any other name. "auto" never
-// picks avx512bf16: on Zen 5 a bfloat16 dot product runs at the rate of an FMA (csrc/retrieve/kernel.cpp)
+// "auto" | "avx512" | "avx512bf16" | "avx2" | "scalar" -> Isa; false for any other name. "auto" here is
+// the best of avx512 / avx2 / scalar; horen_fast/native.py decides when the split scores of avx512bf16
+// pay (measured: horen::measure_split_speedup) and then passes "avx512bf16" by name
 inline bool parse_isa(const std::string& name, Isa* out) {
     if (name == "auto") *out = best_isa();
     else if (name == "avx512") *out = Isa::avx512;

@@ -8,9 +8,10 @@
 // lane. The dropped terms are below about 3 * 2^-18 |q_i k_i| per element, so a score is off by at
 // most 1.2e-5 |q| |k| beyond float32 rounding (SPLIT_REL in kernel.cpp, twice that, is what the
 // final-score bound adds to its slack; the oracle's knife edge is 1e-4).
-// On Zen 5 this is slower than float32 FMAs for float32 keys (3 dot products per 32 elements
-// against 2 FMAs) and even for bfloat16 keys, which is why "auto" never picks it; it is kept for
-// CPUs whose bfloat16 dot products outrun their FMAs.
+// Whether this beats the float32 FMAs depends on the CPU: on Zen 4 a 512-bit dot product issues at
+// the rate of a 512-bit FMA, so bfloat16 keys (2 dot products per 32 elements, no widening) gain
+// about 1.25x in these loops and float32 keys (3 against 2 FMAs) lose; measure_split_speedup()
+// (kernel.cpp) times both, and "auto" takes the split only where it measured clearly faster.
 //
 // Queries: packed per block of BR rows as for batched.h, but per pair of vectors (32 elements) and
 // row r: 32 bfloat16 hi, then 32 bfloat16 lo (the bytes of two float32 vectors of one row).

@@ -16,10 +16,10 @@
 //
 // Passes of BATCH_MIN (8) or more query rows (prefill, evaluation) run the batched loops of
 // csrc/retrieve/batched.h instead: float32 (or float64) FMAs with each loaded key vector serving 8
-// queries from registers, queries and sums packed so that a chunk of them stays in L1. On Zen 5
-// (AVX-512 full width) an AVX512-BF16 dot product measured the same rate as an FMA (0.128 vs
-// 0.119 ns per instruction), so the hi/lo split (3 products per pair for float32 keys, 2 for
-// bfloat16) cannot beat plain FMAs there, and no such path is built; AMX is not built either.
+// queries from registers, queries and sums packed so that a chunk of them stays in L1. Their scores
+// can also run as AVX512_BF16 dot products of hi/lo bfloat16 splits (Isa::avx512bf16,
+// csrc/retrieve/bf16_split.h); measure_split_speedup() times both on this CPU, and
+// horen_fast/native.py takes the split where it is clearly faster. AMX is not built.
 //
 // The inner loops exist three times, for AVX-512, AVX2+FMA and portable scalar code, picked by the
 // caller (horen_fast/native.py). They are written once, in the second half of this file, which
@@ -818,6 +818,75 @@ template <class F, class KT>
 static void run_typed(const Problem& p, Isa isa) {
     KernelSet<F, KT> ks = kernels_for<F, KT>(isa);
     Driver<F, KT>(p, ks, isa).run();
+}
+
+// The two loops of one batched pass over an L2-resident tile (32 keys x 4096 elements of key type
+// KT, one block of BR queries of small normal values): the scores, then the weighted sums, which
+// both paths share (so that the ratio is that of whole passes), for timing
+template <class KT>
+struct PassProbe {
+    static constexpr int nj = 32;
+    static constexpr int64_t d = 4096;
+    const KernelSet<float, KT> ks;
+    std::vector<KT> keys;
+    std::vector<float> q, part, w, acc;
+
+    explicit PassProbe(Isa isa) : ks(kernels_for<float, KT>(isa)), keys(static_cast<size_t>(nj) * d) {
+        const int64_t W = ks.lanes, dv = (d + W - 1) / W;
+        for (size_t i = 0; i < keys.size(); ++i) {
+            if constexpr (std::is_same<KT, float>::value) keys[i] = 0.01f + 1e-4f * static_cast<float>(i % 13);
+            else keys[i].bits = static_cast<uint16_t>(0x3c00u + i % 13u);  // bfloat16 near 0.008
+        }
+        q.assign((dv + 1) / 2 * 2 * BR * W, 0.01f);
+        part.assign((static_cast<size_t>(nj) * BR + 1) * W, 0.0f);
+        w.assign(static_cast<size_t>(BR) * nj, 0.03f);
+        acc.assign(static_cast<size_t>(dv) * BR * W, 0.0f);
+        if (ks.split) {  // bfloat16 hi/lo pairs of small normal values
+            uint16_t* s = reinterpret_cast<uint16_t*>(q.data());
+            for (size_t i = 0; i < 2 * q.size(); ++i) s[i] = static_cast<uint16_t>(0x3c00u + i % 7u);
+        }
+    }
+    int64_t ns() {  // one pass, in steady-clock ns
+        const int64_t W = ks.lanes, dv = (d + W - 1) / W;
+        const int64_t a = now_ns();
+        for (int64_t cv0 = 0; cv0 < dv; cv0 += ks.chunk)
+            ks.bdot(keys.data(), d, nj, q.data(), cv0, std::min(dv, cv0 + ks.chunk), d, part.data(), nullptr, false);
+        for (int64_t cv0 = 0; cv0 < dv; cv0 += ks.chunk)
+            ks.baxpy(keys.data(), d, nj, w.data(), nj, cv0, std::min(dv, cv0 + ks.chunk), d, acc.data(), nullptr, 0);
+        return now_ns() - a;
+    }
+};
+
+// The two paths timed in turn (so that a clock change or an interruption hits both), 40 times each
+// after a warm-up, on every CPU at once as a pass runs them (one probe per thread); per thread the
+// fastest pass of each, and the ratio of their sums over the threads.
+template <class KT>
+static double split_speedup_for() {
+#if HOREN_X86
+    if (!isa_supported(Isa::avx512bf16)) return 0;
+    const int nt = std::max(1, machine().cpus);
+    std::vector<int64_t> tf(nt, INT64_MAX), ts(nt, INT64_MAX);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+        PassProbe<KT> fma(Isa::avx512), split(Isa::avx512bf16);
+        for (int rep = 0; rep < 44; ++rep) {
+            const int64_t a = fma.ns(), b = split.ns();
+            if (rep >= 4) { tf[t] = std::min(tf[t], a); ts[t] = std::min(ts[t], b); }
+        }
+    }
+    double sf = 0, ss = 0;
+    for (int t = 0; t < nt; ++t) { sf += static_cast<double>(tf[t]); ss += static_cast<double>(ts[t]); }
+    return sf / std::max(ss, 1.0);
+#else
+    return 0;
+#endif
+}
+
+SplitSpeedup measure_split_speedup() {
+    SplitSpeedup s;
+    s.bf16_keys = split_speedup_for<bf16_t>();
+    s.f32_keys = split_speedup_for<float>();
+    return s;
 }
 
 void retrieve(const Problem& p, KeyType key_type, bool f64, Isa isa) {
