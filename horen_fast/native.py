@@ -13,19 +13,21 @@ device and index ranges itself (csrc/common/tensor_args.h), raising TypeError / 
 name the argument; the reasons functions here say, before a call, why the C++ code cannot serve it
 (not built, not on the CPU, a dtype it has no kernel for, an instruction set this CPU lacks).
 
-``HOREN_FAST_CPU_ISA`` = ``auto`` (default) | ``avx512`` | ``avx512bf16`` | ``avx2`` | ``scalar`` picks
-the instruction set of every native call; it is read here and nowhere else (at each call, so that
-tests and comparisons can switch it). ``avx512bf16`` is ``avx512`` with the scores of the retrieval
-kernel's batched loops (8 or more query rows) as AVX512_BF16 dot products of hi/lo bfloat16 splits
-(csrc/retrieve/bf16_split.h). Whether that is faster depends on the CPU and the key dtype (on
-Zen 4 a 512-bit bfloat16 dot product issues at the rate of a 512-bit FMA: 2 of them per 32
-elements for bfloat16 keys beat the FMAs and their widening, 3 for float32 keys do not), so
-``auto`` measures it: ``split_speedup()`` times a batched pass (scores and weighted sums) both ways
-on one L2-resident tile per CPU, once per process at the first batched call, and ``auto`` takes the
-split for a key dtype where it is at least SPLIT_MIN_SPEEDUP[dtype] faster. The split scores differ from the FMA scores in their last
-bits, so pin ``HOREN_FAST_CPU_ISA`` where results must match bit for bit across processes. Tile
-sizes and thread counts follow the machine (caches, instruction set: csrc/common/machine.h);
-``machine()`` shows them, ``set_tuning`` overrides them for experiments.
+``HOREN_FAST_CPU_ISA`` = ``auto`` (default) | ``avx512`` | ``avx512bf16`` | ``amx`` | ``avx2`` |
+``scalar`` picks the instruction set of every native call; it is read here and nowhere else (at each
+call, so that tests and comparisons can switch it). ``avx512bf16`` and ``amx`` are ``avx512`` with
+the scores of the retrieval kernel's batched loops (8 or more query rows) split into bfloat16 hi/lo,
+as AVX512_BF16 dot products (csrc/retrieve/bf16_split.h) or AMX-BF16 tile products
+(csrc/retrieve/amx_scores.h). Whether that is faster depends on the CPU and the key dtype (on Zen 4
+a 512-bit bfloat16 dot product issues at the rate of a 512-bit FMA: 2 of them per 32 elements for
+bfloat16 keys beat the FMAs and their widening, 3 for float32 keys do not; a Sapphire Rapids Xeon
+issues them at half that rate, and its AMX tiles at many times it), so ``auto`` measures it:
+``split_speedup()`` times a batched pass (scores and weighted sums) each way on one L2-resident
+tile per CPU, once per process at the first batched call, and ``auto`` takes the fastest split for
+a key dtype where it is at least SPLIT_MIN_SPEEDUP[dtype] faster. The split scores differ from the
+FMA scores in their last bits, so pin ``HOREN_FAST_CPU_ISA`` where results must match bit for bit
+across processes. Tile sizes and thread counts follow the machine (caches, instruction set:
+csrc/common/machine.h); ``machine()`` shows them, ``set_tuning`` overrides them for experiments.
 """
 from __future__ import annotations
 
@@ -48,12 +50,14 @@ except ImportError as exc:
 else:
     _sketch_missing = ""
 
-__all__ = ["ISA_VARIABLE", "ISAS", "RETRIEVE_BUILT", "SKETCH_BUILT", "SPLIT_MIN_SPEEDUP", "best_isa",
-           "supported_isas", "cpu_isa", "isa_reasons", "split_speedup", "retrieve_isa", "machine", "set_tuning", "retrieve", "retrieve_reasons", "sketch_scan",
-           "sketch_rescue", "sketch_reasons", "pair_dots", "pair_dots_reasons"]
+__all__ = ["ISA_VARIABLE", "ISAS", "SPLIT_ISAS", "RETRIEVE_BUILT", "SKETCH_BUILT", "SPLIT_MIN_SPEEDUP",
+           "best_isa", "supported_isas", "cpu_isa", "isa_reasons", "split_speedup", "retrieve_isa", "machine",
+           "set_tuning", "retrieve", "retrieve_reasons", "sketch_scan", "sketch_rescue", "sketch_reasons",
+           "pair_dots", "pair_dots_reasons"]
 
 ISA_VARIABLE = "HOREN_FAST_CPU_ISA"
-ISAS = ("auto", "avx512", "avx512bf16", "avx2", "scalar")
+ISAS = ("auto", "avx512", "avx512bf16", "amx", "avx2", "scalar")
+SPLIT_ISAS = ("avx512bf16", "amx")  # avx512 with the batched scores split into bfloat16 hi/lo
 RETRIEVE_BUILT = _retrieve_ext is not None
 SKETCH_BUILT = _sketch_ext is not None
 _BUILD_HINT = "build it with `pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`"
@@ -148,18 +152,20 @@ def _cpu_reasons(**tensors) -> list[str]:
 # and 1.03-1.09x for float32 keys, whose split lost every whole retrieval (0.86-0.92x): float32 keys
 # need the margin that covers that bias (3 dot products per pair against 2 FMAs).
 SPLIT_MIN_SPEEDUP = {"bfloat16": 1.05, "float32": 1.25}
-_split_measured: dict[str, float] | None = None
+_split_measured: dict[str, dict[str, float]] | None = None
 
 
-def split_speedup() -> dict[str, float]:
-    """How many times faster the retrieval kernel's batched score loops run as AVX512_BF16 split
-    dot products than as float32 FMAs on this CPU, per key dtype ("bfloat16", "float32"), measured
-    once per process (about 6 ms); {} where the CPU lacks AVX512_BF16 or the kernel is not built."""
+def split_speedup() -> dict[str, dict[str, float]]:
+    """How many times faster a batched pass of the retrieval kernel runs with its scores split into
+    bfloat16 hi/lo (``avx512bf16``: AVX512_BF16 dot products; ``amx``: AMX-BF16 tiles) than with
+    float32 FMA scores, on this CPU: {isa: {"bfloat16": x, "float32": y}} per key dtype, for the split
+    instruction sets this CPU has, measured once per process (about 10 ms each); {} where it has none
+    or the kernel is not built."""
     global _split_measured
     if _split_measured is None:
-        ok = _retrieve_ext is not None and "avx512bf16" in _SUPPORTED
-        _split_measured = dict(_retrieve_ext.split_speedup()) if ok else {}
-    return dict(_split_measured)
+        isas = [i for i in SPLIT_ISAS if i in _SUPPORTED] if _retrieve_ext is not None else []
+        _split_measured = {i: dict(_retrieve_ext.split_speedup(i)) for i in isas}
+    return {i: dict(v) for i, v in _split_measured.items()}
 
 
 _SPLIT_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -167,15 +173,18 @@ _SPLIT_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 def retrieve_isa(queries: torch.Tensor, keys: torch.Tensor) -> str:
     """The instruction set of a retrieval call: HOREN_FAST_CPU_ISA when it names one; under
-    ``auto``, the best this CPU has, with the split scores (``avx512bf16``) for 8 or more float32
-    queries against keys of a dtype whose measured split_speedup() reaches SPLIT_MIN_SPEEDUP."""
+    ``auto``, the best this CPU has, or for 8 or more float32 queries against keys of a split dtype
+    the split instruction set whose measured split_speedup() for that dtype is the largest, where it
+    reaches SPLIT_MIN_SPEEDUP."""
     requested = _requested()  # the variable is read once per call
     isa = _resolved(requested)
     if (requested == "auto" and isa == "avx512" and queries.dim() == 2 and queries.shape[0] >= 8
             and queries.dtype == torch.float32 and keys.dtype in _SPLIT_DTYPES):
         name = _SPLIT_DTYPES[keys.dtype]
-        if split_speedup().get(name, 0.0) >= SPLIT_MIN_SPEEDUP[name]:
-            return "avx512bf16"
+        measured = {i: v.get(name, 0.0) for i, v in split_speedup().items()}
+        best = max(measured, key=measured.get, default=None)
+        if best is not None and measured[best] >= SPLIT_MIN_SPEEDUP[name]:
+            return best
     return isa
 
 

@@ -200,7 +200,7 @@ def test_isa_switch_errors(monkeypatch):
         res = retrieve(queries, keys, threshold=-1.0)
     ref = retrieve(queries, keys, backend="torch", threshold=-1.0)
     assert torch.equal(res.index, ref.index)
-    for isa in ("avx512", "avx512bf16", "avx2"):
+    for isa in ("avx512", "avx512bf16", "amx", "avx2"):
         if isa not in ISAS:
             monkeypatch.setenv("HOREN_FAST_CPU_ISA", isa)
             with pytest.raises(NotSupportedError, match="does not support"):
@@ -284,11 +284,15 @@ def test_tuning_follows_the_machine_and_can_be_overridden():
 
 # ---- auto's choice of the bfloat16 split scores (horen_fast.native.retrieve_isa) -------------------
 @pytest.mark.skipif("avx512bf16" not in ISAS, reason="this CPU lacks AVX512_BF16")
-def test_the_split_speedup_is_measured_per_key_dtype():
+def test_the_split_speedup_is_measured_per_split_isa_and_key_dtype():
     s = native.split_speedup()
-    assert set(s) == {"bfloat16", "float32"}
-    assert all(0.05 < v < 20 for v in s.values()), s
+    assert set(s) == {i for i in native.SPLIT_ISAS if i in ISAS}
+    for per_dtype in s.values():
+        assert set(per_dtype) == {"bfloat16", "float32"}
+        assert all(0.05 < v < 50 for v in per_dtype.values()), s
     assert native.split_speedup() == s  # measured once per process
+    with pytest.raises(ValueError, match="avx512bf16' or 'amx'"):
+        native._retrieve_ext.split_speedup("avx2")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -297,8 +301,12 @@ def test_auto_takes_the_split_only_where_it_measured_faster(dtype, monkeypatch):
     keys, queries = case(41, 300, 200, 16, dtype)
     got = native.retrieve_isa(queries, keys)
     name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
-    faster = native.split_speedup().get(name, 0.0)
-    assert got == ("avx512bf16" if faster >= native.SPLIT_MIN_SPEEDUP[name] else native.best_isa())
+    faster = {isa: v[name] for isa, v in native.split_speedup().items()}
+    fastest = max(faster, key=faster.get, default=None)
+    if fastest is not None and faster[fastest] >= native.SPLIT_MIN_SPEEDUP[name]:
+        assert got == fastest
+    else:
+        assert got == native.best_isa()
     assert native.retrieve_isa(queries[:7], keys) == native.best_isa()  # fewer than 8 rows: no batched loops
     assert native.retrieve_isa(queries.double(), keys.double()) == native.best_isa()
     auto = retrieve(queries, keys, backend="cpp")

@@ -92,7 +92,7 @@ def _cases(entry):
     yield "isa: unknown", {**kw, "isa": "sse9"}, ValueError, "isa must be auto"
     yield "threads: 0", {**kw, "threads": 0}, ValueError, "threads must be >= 1"
     yield "threads: a float", {**kw, "threads": 1.5}, TypeError, ""
-    missing = [isa for isa in ("avx512", "avx512bf16", "avx2") if isa not in native.supported_isas()]
+    missing = [isa for isa in ("avx512", "avx512bf16", "amx", "avx2") if isa not in native.supported_isas()]
     for isa in missing:
         yield f"isa: {isa} not on this CPU", {**kw, "isa": isa}, ValueError, "does not support"
     if entry == "retrieve":
@@ -185,7 +185,7 @@ def test_the_isa_variable_is_read_at_each_call(monkeypatch):
     if expect:
         assert native.cpu_isa() == "avx2"
     monkeypatch.setenv(native.ISA_VARIABLE, "neon")
-    assert "is not one of auto, avx512, avx512bf16, avx2, scalar" in native.isa_reasons()[0]
+    assert "is not one of auto, avx512, avx512bf16, amx, avx2, scalar" in native.isa_reasons()[0]
     with pytest.raises(ValueError, match="HOREN_FAST_CPU_ISA='neon'"):
         native.cpu_isa()
     monkeypatch.delenv(native.ISA_VARIABLE)

@@ -74,16 +74,23 @@ PYBIND11_MODULE(_C, m) {
         horen::Isa isa;
         return horen::parse_isa(name, &isa) && horen::isa_supported(isa);
     }, py::arg("name"), "Whether this CPU runs the kernels of instruction set `name`.");
-    m.def("split_speedup", []() {
-        py::gil_scoped_release release;
-        const horen::SplitSpeedup s = horen::measure_split_speedup();
-        py::gil_scoped_acquire acquire;
+    m.def("split_speedup", [](const std::string& name) {
+        horen::Isa isa;
+        if (!horen::parse_isa(name, &isa) || (isa != horen::Isa::avx512bf16 && isa != horen::Isa::amx))
+            throw py::value_error("split_speedup: isa must be 'avx512bf16' or 'amx', got '" + name + "'");
+        horen::SplitSpeedup s;
+        {
+            py::gil_scoped_release release;
+            s = horen::measure_split_speedup(isa);
+        }
         py::dict d;
         d["bfloat16"] = s.bf16_keys;
         d["float32"] = s.f32_keys;
         return d;
-    }, "Time of the batched score loops with float32 FMAs over their time as AVX512_BF16 split dot "
-       "products, per key dtype (measured now, one L2-resident tile; 0 without AVX512_BF16).");
+    }, py::arg("isa"),
+       "Time of a batched pass with float32 FMA scores over its time with the split scores of `isa` "
+       "('avx512bf16' or 'amx'), per key dtype (measured now, one L2-resident tile; 0 where the CPU "
+       "lacks `isa`).");
     m.def("retrieve", &retrieve_checked, py::arg("queries"), py::arg("keys"), py::arg("out_index"),
           py::arg("out_score"), py::arg("out_matched"), py::arg("beta"), py::arg("alpha"), py::arg("steps"),
           py::arg("threshold"), py::arg("eps"), py::arg("isa"), py::arg("threads"),

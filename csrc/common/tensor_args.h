@@ -201,7 +201,7 @@ public:
     Isa isa(const std::string& name) const {
         Isa isa;
         if (!parse_isa(name, &isa))
-            value_error("isa must be auto, avx512, avx512bf16, avx2 or scalar, got '" + name + "'");
+            value_error("isa must be auto, avx512, avx512bf16, amx, avx2 or scalar, got '" + name + "'");
         if (!isa_supported(isa))
             value_error("this CPU does not support the " + name + " kernels; use auto or " +
                         isa_name(best_isa()) + " and below");

@@ -82,6 +82,11 @@ struct KernelSet {
     // (prefetch: the call that reads these keys first prefetches the ones it reads next)
     void (*bdot)(const KT* K, int64_t ks, int nj, const F* Qp, int64_t cv0, int64_t cv1, int64_t d, F* part,
                  F* npart, bool prefetch);
+    // the scores of all the blocks at once over vectors [cv0, cv1) (block b at Qp + b qbsize,
+    // partials at part + b pb, the norms with block 0), in place of bdot where not null, called for
+    // the whole of d (Isa::amx: each group of keys is split once, and read row by row)
+    void (*bdot_blocks)(const KT* K, int64_t ks, int nj, const F* Qp, int64_t qbsize, int64_t blocks, int64_t cv0,
+                        int64_t cv1, int64_t d, F* part, int64_t pb, F* npart);
     // the packed sums of one block += sum_j w[r * ws + j] K[j] (prefetching the same vectors of the
     // pfn key rows at pf, the next tile)
     void (*baxpy)(const KT* K, int64_t ks, int nj, const F* w, int64_t ws, int64_t cv0, int64_t cv1, int64_t d,
@@ -90,6 +95,9 @@ struct KernelSet {
     // bdot takes the queries split into bfloat16 hi/lo (Isa::avx512bf16, csrc/retrieve/bf16_split.h),
     // its scores off by up to SPLIT_REL |q| |k| more than float32 rounding
     bool split;
+    // with split: the queries packed for AMX tiles (Isa::amx, csrc/retrieve/amx_scores.h) rather
+    // than per vector (csrc/retrieve/bf16_split.h)
+    bool tile_pairs;
     int lanes;  // elements of F per vector register
 };
 
@@ -359,6 +367,15 @@ namespace horen { namespace isa_avx512bf16 {
 #undef HOREN_KERNEL_SPLIT
 }}  // namespace horen::isa_avx512bf16
 HOREN_TARGET_POP
+
+// ---- AVX-512 + AVX512_BF16 + AMX-BF16: the tile scores of Isa::amx ----
+HOREN_TARGET_PUSH_AMX
+namespace horen { namespace isa_amx {
+#define HOREN_KERNEL_AMX 1
+#include "amx_scores.h"
+#undef HOREN_KERNEL_AMX
+}}  // namespace horen::isa_amx
+HOREN_TARGET_POP
 #endif  // HOREN_X86
 
 // =================================================================================================
@@ -371,20 +388,41 @@ static KernelSet<F, KT> kernels_for(Isa isa) {
 #if HOREN_X86
     if (is_avx512(isa)) {
         KernelSet<F, KT> k = isa_avx512::make_kernels<F, KT>();
-        // Isa::avx512bf16: split scores where they exist (float32 compute, float32 or bfloat16 keys);
-        // float16 keys and float64 compute keep the FMA loops
+        // Isa::avx512bf16 / Isa::amx: split scores where they exist (float32 compute, float32 or
+        // bfloat16 keys); float16 keys and float64 compute keep the FMA loops
         if constexpr (std::is_same<F, float>::value &&
-                      (std::is_same<KT, float>::value || std::is_same<KT, bf16_t>::value))
+                      (std::is_same<KT, float>::value || std::is_same<KT, bf16_t>::value)) {
             if (isa == Isa::avx512bf16) {
                 k.bdot = &isa_avx512bf16::split_block<KT>;
                 k.split = true;
+            } else if (isa == Isa::amx) {
+                k.bdot_blocks = &isa_amx::amx_blocks<KT>;
+                k.split = true;
+                k.tile_pairs = true;
             }
+        }
         return k;
     }
     if (isa == Isa::avx2) return isa_avx2::make_kernels<F, KT>();
 #endif
     (void)isa;
     return isa_scalar::make_kernels<F, KT>();
+}
+
+// the scores of a batched pass over a tile of nj keys, every block of queries: bdot in chunks of d
+// (a block's chunk of queries stays in L1), or bdot_blocks in one call over the whole of d
+template <class F, class KT>
+static void batched_scores(const KernelSet<F, KT>& ks, const KT* K, int64_t kstride, int nj, const F* Qp,
+                           int64_t qbsize, int64_t blocks, int64_t d, F* part, int64_t pb, F* npart) {
+    const int64_t dv = (d + ks.lanes - 1) / ks.lanes;
+    if (ks.bdot_blocks != nullptr) {
+        ks.bdot_blocks(K, kstride, nj, Qp, qbsize, blocks, 0, dv, d, part, pb, npart);
+        return;
+    }
+    for (int64_t cv0 = 0; cv0 < dv; cv0 += ks.chunk)
+        for (int64_t blk = 0; blk < blocks; ++blk)
+            ks.bdot(K, kstride, nj, Qp + blk * qbsize, cv0, std::min(dv, cv0 + ks.chunk), d, part + blk * pb,
+                    blk == 0 ? npart : nullptr, blk == 0);
 }
 
 template <class T> static inline double sq_sum(const T* x, int64_t n) {
@@ -625,6 +663,17 @@ private:
         Qp_.assign(blocks * qbsize, F(0));
         for (int64_t a = 0; a < Ba; ++a) {
             const F* src = &q_[active[a] * d];
+            if (ks_.tile_pairs) {  // per 32 elements: [16 pairs][BR][2] hi, then lo (csrc/retrieve/amx_scores.h)
+                uint16_t* dst = reinterpret_cast<uint16_t*>(&Qp_[(a / BR) * qbsize]) + (a % BR) * 2;
+                for (int64_t c = 0; c < d; ++c) {
+                    const float x = static_cast<float>(src[c]);
+                    const uint32_t hi = float_to_bf16_bits(x);
+                    uint16_t* v = dst + (c / 32) * 512 + (c % 32) / 2 * (2 * BR) + c % 2;
+                    v[0] = static_cast<uint16_t>(hi);
+                    v[256] = static_cast<uint16_t>(float_to_bf16_bits(x - bf16_to_float(static_cast<uint16_t>(hi))));
+                }
+                continue;
+            }
             if (ks_.split) {  // pairs of vectors: 2W bfloat16 hi, then 2W lo (csrc/retrieve/bf16_split.h)
                 uint16_t* dst = reinterpret_cast<uint16_t*>(&Qp_[(a / BR) * qbsize]) + (a % BR) * 4 * W;
                 for (int64_t c = 0; c < d; ++c) {
@@ -669,10 +718,7 @@ private:
                 const int64_t pb = static_cast<int64_t>(nj) * BR * W;  // partials of one block
                 F* npart = part + blocks * pb;
                 std::fill(part, npart + nj * W, F(0));
-                for (int64_t cv0 = 0; cv0 < dv; cv0 += ch)
-                    for (int64_t blk = 0; blk < blocks; ++blk)
-                        ks_.bdot(kp, p_.ks, nj, &Qp_[blk * qbsize], cv0, std::min(dv, cv0 + ch), d, part + blk * pb,
-                                 want_norms && blk == 0 ? npart : nullptr, blk == 0);
+                batched_scores(ks_, kp, p_.ks, nj, Qp_.data(), qbsize, blocks, d, part, pb, want_norms ? npart : nullptr);
                 for (int64_t blk = 0; blk < blocks; ++blk)
                     for (int j = 0; j < nj; ++j)
                         for (int r = 0; r < BR; ++r) {
@@ -820,12 +866,12 @@ static void run_typed(const Problem& p, Isa isa) {
     Driver<F, KT>(p, ks, isa).run();
 }
 
-// The two loops of one batched pass over an L2-resident tile (32 keys x 4096 elements of key type
+// The two loops of one batched pass over an L2-resident tile (64 keys x 4096 elements of key type
 // KT, one block of BR queries of small normal values): the scores, then the weighted sums, which
 // both paths share (so that the ratio is that of whole passes), for timing
 template <class KT>
 struct PassProbe {
-    static constexpr int nj = 32;
+    static constexpr int nj = 64;
     static constexpr int64_t d = 4096;
     const KernelSet<float, KT> ks;
     std::vector<KT> keys;
@@ -849,26 +895,26 @@ struct PassProbe {
     int64_t ns() {  // one pass, in steady-clock ns
         const int64_t W = ks.lanes, dv = (d + W - 1) / W;
         const int64_t a = now_ns();
-        for (int64_t cv0 = 0; cv0 < dv; cv0 += ks.chunk)
-            ks.bdot(keys.data(), d, nj, q.data(), cv0, std::min(dv, cv0 + ks.chunk), d, part.data(), nullptr, false);
+        batched_scores(ks, keys.data(), d, nj, q.data(), 0, 1, d, part.data(), 0, static_cast<float*>(nullptr));
         for (int64_t cv0 = 0; cv0 < dv; cv0 += ks.chunk)
             ks.baxpy(keys.data(), d, nj, w.data(), nj, cv0, std::min(dv, cv0 + ks.chunk), d, acc.data(), nullptr, 0);
         return now_ns() - a;
     }
 };
 
-// The two paths timed in turn (so that a clock change or an interruption hits both), 40 times each
-// after a warm-up, on every CPU at once as a pass runs them (one probe per thread); per thread the
-// fastest pass of each, and the ratio of their sums over the threads.
+// The two paths (the FMAs of Isa::avx512, the split scores of `isa`) timed in turn (so that a
+// clock change or an interruption hits both), 40 times each after a warm-up, on every CPU at once
+// as a pass runs them (one probe per thread); per thread the fastest pass of each, and the ratio
+// of their sums over the threads.
 template <class KT>
-static double split_speedup_for() {
+static double split_speedup_for(Isa isa) {
 #if HOREN_X86
-    if (!isa_supported(Isa::avx512bf16)) return 0;
+    if (!isa_supported(isa) || (isa != Isa::avx512bf16 && isa != Isa::amx)) return 0;
     const int nt = std::max(1, machine().cpus);
     std::vector<int64_t> tf(nt, INT64_MAX), ts(nt, INT64_MAX);
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int t = 0; t < nt; ++t) {
-        PassProbe<KT> fma(Isa::avx512), split(Isa::avx512bf16);
+        PassProbe<KT> fma(Isa::avx512), split(isa);
         for (int rep = 0; rep < 44; ++rep) {
             const int64_t a = fma.ns(), b = split.ns();
             if (rep >= 4) { tf[t] = std::min(tf[t], a); ts[t] = std::min(ts[t], b); }
@@ -878,14 +924,15 @@ static double split_speedup_for() {
     for (int t = 0; t < nt; ++t) { sf += static_cast<double>(tf[t]); ss += static_cast<double>(ts[t]); }
     return sf / std::max(ss, 1.0);
 #else
+    (void)isa;
     return 0;
 #endif
 }
 
-SplitSpeedup measure_split_speedup() {
+SplitSpeedup measure_split_speedup(Isa isa) {
     SplitSpeedup s;
-    s.bf16_keys = split_speedup_for<bf16_t>();
-    s.f32_keys = split_speedup_for<float>();
+    s.bf16_keys = split_speedup_for<bf16_t>(isa);
+    s.f32_keys = split_speedup_for<float>(isa);
     return s;
 }
 
@@ -1143,7 +1190,9 @@ KernelSet<F, KT> make_kernels() {
     k.baxpy = &baxpy_block<F, KT>;
     k.lanes = OpsOf<F>::type::W;
     k.chunk = bchunk<typename OpsOf<F>::type>();
+    k.bdot_blocks = nullptr;
     k.split = false;
+    k.tile_pairs = false;
     return k;
 }
 

@@ -26,13 +26,15 @@ struct Problem {
 // keys need float64 compute). Releases nothing: call it without the GIL.
 void retrieve(const Problem& p, KeyType key_type, bool f64, Isa isa);
 
-// How much faster the batched score loops run as AVX512_BF16 split dot products (Isa::avx512bf16)
-// than as the float32 FMAs of Isa::avx512, on this CPU: the time of one batched pass over an
-// L2-resident tile (scores and weighted sums, 8 queries) with the FMAs over its time with the split
-// scores, for bfloat16 and float32 keys (0 where the CPU lacks AVX512_BF16).
+// How much faster the batched score loops run as the split scores of `isa` (Isa::avx512bf16:
+// AVX512_BF16 dot products; Isa::amx: AMX-BF16 tiles) than as the float32 FMAs of Isa::avx512, on
+// this CPU: the time of one batched pass over an L2-resident tile (scores and weighted sums, 8
+// queries) with the FMAs over its time with the split scores, for bfloat16 and float32 keys (0
+// where the CPU lacks `isa`, or for any other isa).
 // Measured, not assumed: on Zen 4 a 512-bit bfloat16 dot product issues at the rate of a 512-bit
-// FMA and does twice its multiply-adds; other CPUs differ. horen_fast/native.py measures it once.
+// FMA and does twice its multiply-adds, on a Sapphire Rapids Xeon at half that rate; other CPUs
+// differ. horen_fast/native.py measures it once per process.
 struct SplitSpeedup { double bf16_keys = 0, f32_keys = 0; };
-SplitSpeedup measure_split_speedup();
+SplitSpeedup measure_split_speedup(Isa isa);
 
 }  // namespace horen
