@@ -91,6 +91,10 @@ struct KernelSet {
     // pfn key rows at pf, the next tile)
     void (*baxpy)(const KT* K, int64_t ks, int nj, const F* w, int64_t ws, int64_t cv0, int64_t cv1, int64_t d,
                   F* accp, const KT* pf, int pfn);
+    // the sums of all the blocks at once over the whole of d (block b's weights at w + b BR ws, its
+    // packed sums at accp + b bsize), in place of baxpy where not null (Isa::amx)
+    void (*baxpy_blocks)(const KT* K, int64_t ks, int nj, const F* w, int64_t ws, int64_t blocks, int64_t d,
+                         F* accp, int64_t bsize, const KT* pf, int pfn);
     int64_t chunk;  // vectors of d per call of bdot / baxpy (a block's chunk stays in L1)
     // bdot takes the queries split into bfloat16 hi/lo (Isa::avx512bf16, csrc/retrieve/bf16_split.h),
     // its scores off by up to SPLIT_REL |q| |k| more than float32 rounding
@@ -397,6 +401,7 @@ static KernelSet<F, KT> kernels_for(Isa isa) {
                 k.split = true;
             } else if (isa == Isa::amx) {
                 k.bdot_blocks = &isa_amx::amx_blocks<KT>;
+                if constexpr (std::is_same<KT, bf16_t>::value) k.baxpy_blocks = &isa_amx::amx_sums;
                 k.split = true;
                 k.tile_pairs = true;
             }
@@ -425,6 +430,23 @@ static void batched_scores(const KernelSet<F, KT>& ks, const KT* K, int64_t kstr
                     blk == 0 ? npart : nullptr, blk == 0);
 }
 
+// the weighted sums of a batched pass over a tile of nj keys, every block (block b's weights at
+// w + b BR ws, its packed sums at acc + b bsize): baxpy in chunks of d, block 0 prefetching the pfn
+// rows of the next tile at pf, or baxpy_blocks in one call
+template <class F, class KT>
+static void batched_sums(const KernelSet<F, KT>& ks, const KT* K, int64_t kstride, int nj, const F* w, int64_t ws,
+                         int64_t blocks, int64_t d, F* acc, int64_t bsize, const KT* pf, int pfn) {
+    const int64_t dv = (d + ks.lanes - 1) / ks.lanes;
+    if (ks.baxpy_blocks != nullptr) {
+        ks.baxpy_blocks(K, kstride, nj, w, ws, blocks, d, acc, bsize, pf, pfn);
+        return;
+    }
+    for (int64_t cv0 = 0; cv0 < dv; cv0 += ks.chunk)
+        for (int64_t blk = 0; blk < blocks; ++blk)
+            ks.baxpy(K, kstride, nj, w + blk * BR * ws, ws, cv0, std::min(dv, cv0 + ks.chunk), d, acc + blk * bsize,
+                     blk == 0 ? pf : nullptr, blk == 0 ? pfn : 0);
+}
+
 template <class T> static inline double sq_sum(const T* x, int64_t n) {
     double s = 0;
     for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
@@ -442,9 +464,10 @@ public:
         tile_ = static_cast<int>(t - t % 8);    // whole register blocks of the dot and axpy loops
         // the batched loops read a tile of keys twice (scores, then sums), each time in chunks of d
         // with all the tile's keys per chunk, so that the queries and the sums are read once per
-        // tile; a tile of one L2 (twice the tile above) measured best on Zen 5 at B = 16 to 64
-        // (bench: 16 to 32 KiB chunks and tiles of 1/2 to 4 L2s tried)
-        int64_t bt = 2 * machine().tile_bytes / key_bytes;
+        // tile, and the sums prefetch the next tile: both tiles stay in L2, half of it each (the
+        // tile above). A tile of a whole L2 measured best on Zen 5 at B = 16 to 64, but 1.1-1.6x
+        // slower than half of one on a Sapphire Rapids Xeon (2 MiB L2, bench/RESULTS.md 2026-12-02)
+        int64_t bt = machine().tile_bytes / key_bytes;
         bt = std::max<int64_t>(8, std::min<int64_t>(512, bt));
         btile_ = static_cast<int>(bt - bt % 8);
     }
@@ -702,7 +725,6 @@ private:
         const F beta = static_cast<F>(p_.beta);
         const F margin = F(8);  // as in pass()
         const F ninf = -std::numeric_limits<F>::infinity();
-        const int64_t ch = ks_.chunk;
         JoinClock clock(nt, np);
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
         for (int tid = 0; tid < np; ++tid) {
@@ -751,10 +773,7 @@ private:
                 // block 0 prefetches (the rows of the next tile, or past the keys: harmless)
                 const KT* next = reinterpret_cast<const KT*>(reinterpret_cast<uintptr_t>(kp) +
                                                              static_cast<uintptr_t>(nj * p_.ks) * sizeof(KT));
-                for (int64_t cv0 = 0; cv0 < dv; cv0 += ch)
-                    for (int64_t blk = 0; blk < blocks; ++blk)
-                        ks_.baxpy(kp, p_.ks, nj, w + blk * BR * T, T, cv0, std::min(dv, cv0 + ch), d,
-                                  accT + blk * bsize, blk == 0 ? next : nullptr, blk == 0 ? nj : 0);
+                batched_sums(ks_, kp, p_.ks, nj, w, T, blocks, d, accT, bsize, next, nj);
             }
             clock.part_done();
         }
@@ -893,11 +912,9 @@ struct PassProbe {
         }
     }
     int64_t ns() {  // one pass, in steady-clock ns
-        const int64_t W = ks.lanes, dv = (d + W - 1) / W;
         const int64_t a = now_ns();
         batched_scores(ks, keys.data(), d, nj, q.data(), 0, 1, d, part.data(), 0, static_cast<float*>(nullptr));
-        for (int64_t cv0 = 0; cv0 < dv; cv0 += ks.chunk)
-            ks.baxpy(keys.data(), d, nj, w.data(), nj, cv0, std::min(dv, cv0 + ks.chunk), d, acc.data(), nullptr, 0);
+        batched_sums(ks, keys.data(), d, nj, w.data(), nj, 1, d, acc.data(), 0, static_cast<const KT*>(nullptr), 0);
         return now_ns() - a;
     }
 };
@@ -1191,6 +1208,7 @@ KernelSet<F, KT> make_kernels() {
     k.lanes = OpsOf<F>::type::W;
     k.chunk = bchunk<typename OpsOf<F>::type>();
     k.bdot_blocks = nullptr;
+    k.baxpy_blocks = nullptr;
     k.split = false;
     k.tile_pairs = false;
     return k;
