@@ -1,9 +1,10 @@
 """Is auto's choice of the bfloat16 split scores right on this CPU? (issue 13, item 2)
 
 Prints what ``horen_fast.native.split_speedup()`` measured (the probe ``auto`` decides from), the
-choice it makes per key dtype, and then times whole retrievals of B queries with the two AVX-512
-paths forced by name (``avx512``: float32 FMAs; ``avx512bf16``: the split scores), in turn over the
-repetitions, medians reported. Run it on a quiet machine:
+choice it makes per key dtype, and then times whole retrievals of B queries with the AVX-512 paths
+forced by name (``avx512``: float32 FMAs; ``avx512bf16``: AVX512_BF16 split scores; ``amx``: AMX-BF16
+tiles, where the CPU has them), in turn over the repetitions, medians reported. Run it on a quiet
+machine:
 
     python -m bench.split_choice [--cases 50000x14336x16:bfloat16,...] [--reps 7] [--json out.json]
 """
@@ -29,7 +30,7 @@ def time_paths(n: int, d: int, b: int, dtype: str, reps: int) -> dict:
     index, score = torch.empty(b, dtype=torch.long), torch.empty(b)
     matched = torch.empty(b, dtype=torch.bool)
     inner = max(1, int(2e9 // (n * d * b)))  # calls per timing: about 0.1 s of work at least
-    times: dict[str, list[float]] = {"avx512": [], "avx512bf16": []}
+    times: dict[str, list[float]] = {isa: [] for isa in ("avx512", *_split_isas())}
     results = {}
     for _ in range(reps):
         for isa in times:
@@ -39,10 +40,15 @@ def time_paths(n: int, d: int, b: int, dtype: str, reps: int) -> dict:
                                               torch.get_num_threads())
             times[isa].append((time.perf_counter() - t0) / inner)
             results[isa] = index.clone()
-    fma, split = (statistics.median(times[i]) * 1e3 for i in ("avx512", "avx512bf16"))
-    return {"N": n, "d": d, "B": b, "dtype": dtype, "avx512_ms": fma, "avx512bf16_ms": split,
-            "split_speedup": fma / split, "auto": native.retrieve_isa(q, keys),
-            "same_decisions": bool(torch.equal(results["avx512"], results["avx512bf16"]))}
+    ms = {isa: statistics.median(t) * 1e3 for isa, t in times.items()}
+    return {"N": n, "d": d, "B": b, "dtype": dtype, **{f"{isa}_ms": v for isa, v in ms.items()},
+            **{f"{isa}_speedup": ms["avx512"] / ms[isa] for isa in _split_isas()},
+            "auto": native.retrieve_isa(q, keys),
+            "same_decisions": all(torch.equal(results["avx512"], results[isa]) for isa in _split_isas())}
+
+
+def _split_isas() -> list[str]:
+    return [isa for isa in native.SPLIT_ISAS if isa in native.supported_isas()]
 
 
 def main(argv=None) -> int:
@@ -55,17 +61,20 @@ def main(argv=None) -> int:
         print("split_choice: needs the C++ kernel and a CPU with AVX512_BF16", file=sys.stderr)
         return 2
     probe = native.split_speedup()
-    print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; probe (split_speedup): "
-          + ", ".join(f"{k} keys {v:.2f}x" for k, v in probe.items())
-          + "; auto's bar: " + ", ".join(f"{k} {v}x" for k, v in native.SPLIT_MIN_SPEEDUP.items()))
-    print("| N | d | B | keys | avx512 ms | avx512bf16 ms | split speedup | auto picks | same decisions |")
-    print("|---:|---:|---:|---|---:|---:|---:|---|---|")
+    print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; probe (split_speedup) and auto's bar: "
+          + "; ".join(f"{isa}: " + ", ".join(f"{k} keys {v:.2f}x (bar {native.SPLIT_MIN_SPEEDUP[isa][k]}x)"
+                                             for k, v in per.items()) for isa, per in probe.items()))
+    isas = _split_isas()
+    print("| N | d | B | keys | avx512 ms | " + " | ".join(f"{i} ms | {i} speedup" for i in isas)
+          + " | auto picks | same decisions |")
+    print("|---:|---:|---:|---|---:|" + "---:|---:|" * len(isas) + "---|---|")
     rows = []
     for n, d, b, dtype in _parse_cases(args.cases):
         r = time_paths(n, d, b, dtype, args.reps)
         rows.append(r)
-        print(f"| {n} | {d} | {b} | {dtype} | {r['avx512_ms']:.3f} | {r['avx512bf16_ms']:.3f} | "
-              f"{r['split_speedup']:.2f}x | {r['auto']} | {r['same_decisions']} |", flush=True)
+        print(f"| {n} | {d} | {b} | {dtype} | {r['avx512_ms']:.3f} | "
+              + " | ".join(f"{r[i + '_ms']:.3f} | {r[i + '_speedup']:.2f}x" for i in isas)
+              + f" | {r['auto']} | {r['same_decisions']} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu_model(), "probe": probe, "bar": native.SPLIT_MIN_SPEEDUP, "rows": rows}, f, indent=1)

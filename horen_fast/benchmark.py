@@ -219,9 +219,9 @@ def format_table(info: dict, probe: dict, rows: list[dict]) -> str:
     head = [f"CPU: {info['cpu']} ({info['cores']} cores, {info['threads']} torch threads); "
             f"flags: {info['flags']}; C++ kernel ISA: {info['kernel_isa']}, tile {info['tile_bytes']} bytes",
             f"caches: {c}; torch {info['torch']}; {info['date']}; load average {info['loadavg_1min']:.2f}",
-            "bf16 split of the batched scores, measured: " + (", ".join(
-                f"{k} keys {v:.2f}x" for k, v in info.get("split_speedup", {}).items()) or "not available")
-            + " (auto's bar: " + ", ".join(f"{k} {v}x" for k, v in _split_bar().items()) + ")",
+            "bf16 split of the batched scores, measured: " + ("; ".join(
+                f"{isa}: " + ", ".join(f"{k} keys {v:.2f}x (bar {_split_bar()[isa][k]}x)" for k, v in per.items())
+                for isa, per in info.get("split_speedup", {}).items()) or "not available"),
             f"probed streaming read: {probe['rate'] / 1e9:.1f} GB/s ({probe['bytes'] >> 20} MiB buffer)",
             "", "| N | d | B | keys | impl | median ms | vs published | x one read | key GB/s |",
             "|---:|---:|---:|---|---|---:|---:|---:|---:|"]

@@ -24,7 +24,7 @@ bfloat16 keys beat the FMAs and their widening, 3 for float32 keys do not; a Sap
 issues them at half that rate, and its AMX tiles at many times it), so ``auto`` measures it:
 ``split_speedup()`` times a batched pass (scores and weighted sums) each way on one L2-resident
 tile per CPU, once per process at the first batched call, and ``auto`` takes the fastest split for
-a key dtype where it is at least SPLIT_MIN_SPEEDUP[dtype] faster. The split scores differ from the
+a key dtype where it is at least SPLIT_MIN_SPEEDUP[isa][dtype] faster. The split scores differ from the
 FMA scores in their last bits, so pin ``HOREN_FAST_CPU_ISA`` where results must match bit for bit
 across processes. Tile sizes and thread counts follow the machine (caches, instruction set:
 csrc/common/machine.h); ``machine()`` shows them, ``set_tuning`` overrides them for experiments.
@@ -147,11 +147,15 @@ def _cpu_reasons(**tensors) -> list[str]:
 
 
 # ---- the bfloat16 split of the batched scores, measured (csrc/retrieve/retrieve.h) ----------------
-# The probe runs from L2; a real pass streams its keys. On Zen 4 (2026-12-02, bench/RESULTS.md) it
-# read 1.08-1.33x for bfloat16 keys, whose split never lost a whole retrieval (1.02-1.30x faster),
-# and 1.03-1.09x for float32 keys, whose split lost every whole retrieval (0.86-0.92x): float32 keys
-# need the margin that covers that bias (3 dot products per pair against 2 FMAs).
-SPLIT_MIN_SPEEDUP = {"bfloat16": 1.05, "float32": 1.25}
+# The probe runs from L2; a real pass streams its keys. On Zen 4 (2026-12-02, bench/RESULTS.md) the
+# avx512bf16 probe read 1.08-1.33x for bfloat16 keys, whose split never lost a whole retrieval
+# (1.02-1.30x faster), and 1.03-1.09x for float32 keys, whose split lost every whole retrieval
+# (0.86-0.92x): float32 keys need the margin that covers that bias (3 dot products per pair against
+# 2 FMAs). On a Sapphire Rapids Xeon the amx probe read 1.13x for float32 keys whose whole
+# retrievals ran 1.09-1.16x faster (its probe and its passes share the weighted sums' FMAs), and
+# 1.45-1.8x for bfloat16 keys (1.65-1.77x): no such bias.
+SPLIT_MIN_SPEEDUP = {"avx512bf16": {"bfloat16": 1.05, "float32": 1.25},
+                     "amx": {"bfloat16": 1.05, "float32": 1.05}}
 _split_measured: dict[str, dict[str, float]] | None = None
 
 
@@ -159,8 +163,9 @@ def split_speedup() -> dict[str, dict[str, float]]:
     """How many times faster a batched pass of the retrieval kernel runs with its scores split into
     bfloat16 hi/lo (``avx512bf16``: AVX512_BF16 dot products; ``amx``: AMX-BF16 tiles) than with
     float32 FMA scores, on this CPU: {isa: {"bfloat16": x, "float32": y}} per key dtype, for the split
-    instruction sets this CPU has, measured once per process (about 10 ms each); {} where it has none
-    or the kernel is not built."""
+    instruction sets this CPU has, measured once per process (about 25 ms each) on a pass of 16
+    queries (``amx`` splits each key once for all the queries, so it gains less at 8 to 15 rows);
+    {} where it has none or the kernel is not built."""
     global _split_measured
     if _split_measured is None:
         isas = [i for i in SPLIT_ISAS if i in _SUPPORTED] if _retrieve_ext is not None else []
@@ -175,16 +180,16 @@ def retrieve_isa(queries: torch.Tensor, keys: torch.Tensor) -> str:
     """The instruction set of a retrieval call: HOREN_FAST_CPU_ISA when it names one; under
     ``auto``, the best this CPU has, or for 8 or more float32 queries against keys of a split dtype
     the split instruction set whose measured split_speedup() for that dtype is the largest, where it
-    reaches SPLIT_MIN_SPEEDUP."""
+    reaches SPLIT_MIN_SPEEDUP[isa][dtype]."""
     requested = _requested()  # the variable is read once per call
     isa = _resolved(requested)
     if (requested == "auto" and isa == "avx512" and queries.dim() == 2 and queries.shape[0] >= 8
             and queries.dtype == torch.float32 and keys.dtype in _SPLIT_DTYPES):
         name = _SPLIT_DTYPES[keys.dtype]
-        measured = {i: v.get(name, 0.0) for i, v in split_speedup().items()}
-        best = max(measured, key=measured.get, default=None)
-        if best is not None and measured[best] >= SPLIT_MIN_SPEEDUP[name]:
-            return best
+        measured = {i: v.get(name, 0.0) for i, v in split_speedup().items()
+                    if v.get(name, 0.0) >= SPLIT_MIN_SPEEDUP[i][name]}
+        if measured:
+            return max(measured, key=measured.get)
     return isa
 
 

@@ -886,26 +886,29 @@ static void run_typed(const Problem& p, Isa isa) {
 }
 
 // The two loops of one batched pass over an L2-resident tile (64 keys x 4096 elements of key type
-// KT, one block of BR queries of small normal values): the scores, then the weighted sums, which
-// both paths share (so that the ratio is that of whole passes), for timing
+// KT, two blocks of BR queries of small normal values, the B = 16 of prefill and evaluation): the
+// scores, then the weighted sums (so that the ratio is that of whole passes; Isa::amx splits each
+// key once for all the blocks, so fewer rows gain less), for timing
 template <class KT>
 struct PassProbe {
-    static constexpr int nj = 64;
+    static constexpr int nj = 64, blocks = 2;
     static constexpr int64_t d = 4096;
     const KernelSet<float, KT> ks;
+    const int64_t W, dv, qbsize, bsize, pb;
     std::vector<KT> keys;
     std::vector<float> q, part, w, acc;
 
-    explicit PassProbe(Isa isa) : ks(kernels_for<float, KT>(isa)), keys(static_cast<size_t>(nj) * d) {
-        const int64_t W = ks.lanes, dv = (d + W - 1) / W;
+    explicit PassProbe(Isa isa)
+        : ks(kernels_for<float, KT>(isa)), W(ks.lanes), dv((d + W - 1) / W), qbsize((dv + 1) / 2 * 2 * BR * W),
+          bsize(dv * BR * W), pb(static_cast<int64_t>(nj) * BR * W), keys(static_cast<size_t>(nj) * d) {
         for (size_t i = 0; i < keys.size(); ++i) {
             if constexpr (std::is_same<KT, float>::value) keys[i] = 0.01f + 1e-4f * static_cast<float>(i % 13);
             else keys[i].bits = static_cast<uint16_t>(0x3c00u + i % 13u);  // bfloat16 near 0.008
         }
-        q.assign((dv + 1) / 2 * 2 * BR * W, 0.01f);
-        part.assign((static_cast<size_t>(nj) * BR + 1) * W, 0.0f);
-        w.assign(static_cast<size_t>(BR) * nj, 0.03f);
-        acc.assign(static_cast<size_t>(dv) * BR * W, 0.0f);
+        q.assign(static_cast<size_t>(blocks * qbsize), 0.01f);
+        part.assign(static_cast<size_t>(blocks * pb + W), 0.0f);
+        w.assign(static_cast<size_t>(blocks) * BR * nj, 0.03f);
+        acc.assign(static_cast<size_t>(blocks * bsize), 0.0f);
         if (ks.split) {  // bfloat16 hi/lo pairs of small normal values
             uint16_t* s = reinterpret_cast<uint16_t*>(q.data());
             for (size_t i = 0; i < 2 * q.size(); ++i) s[i] = static_cast<uint16_t>(0x3c00u + i % 7u);
@@ -913,14 +916,14 @@ struct PassProbe {
     }
     int64_t ns() {  // one pass, in steady-clock ns
         const int64_t a = now_ns();
-        batched_scores(ks, keys.data(), d, nj, q.data(), 0, 1, d, part.data(), 0, static_cast<float*>(nullptr));
-        batched_sums(ks, keys.data(), d, nj, w.data(), nj, 1, d, acc.data(), 0, static_cast<const KT*>(nullptr), 0);
+        batched_scores(ks, keys.data(), d, nj, q.data(), qbsize, blocks, d, part.data(), pb, static_cast<float*>(nullptr));
+        batched_sums(ks, keys.data(), d, nj, w.data(), nj, blocks, d, acc.data(), bsize, static_cast<const KT*>(nullptr), 0);
         return now_ns() - a;
     }
 };
 
 // The two paths (the FMAs of Isa::avx512, the split scores of `isa`) timed in turn (so that a
-// clock change or an interruption hits both), 40 times each after a warm-up, on every CPU at once
+// clock change or an interruption hits both), 20 times each after a warm-up, on every CPU at once
 // as a pass runs them (one probe per thread); per thread the fastest pass of each, and the ratio
 // of their sums over the threads.
 template <class KT>
@@ -932,7 +935,7 @@ static double split_speedup_for(Isa isa) {
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int t = 0; t < nt; ++t) {
         PassProbe<KT> fma(Isa::avx512), split(isa);
-        for (int rep = 0; rep < 44; ++rep) {
+        for (int rep = 0; rep < 24; ++rep) {
             const int64_t a = fma.ns(), b = split.ns();
             if (rep >= 4) { tf[t] = std::min(tf[t], a); ts[t] = std::min(ts[t], b); }
         }

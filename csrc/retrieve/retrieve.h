@@ -28,7 +28,7 @@ void retrieve(const Problem& p, KeyType key_type, bool f64, Isa isa);
 
 // How much faster the batched score loops run as the split scores of `isa` (Isa::avx512bf16:
 // AVX512_BF16 dot products; Isa::amx: AMX-BF16 tiles) than as the float32 FMAs of Isa::avx512, on
-// this CPU: the time of one batched pass over an L2-resident tile (scores and weighted sums, 8
+// this CPU: the time of one batched pass over an L2-resident tile (scores and weighted sums, 16
 // queries) with the FMAs over its time with the split scores, for bfloat16 and float32 keys (0
 // where the CPU lacks `isa`, or for any other isa).
 // Measured, not assumed: on Zen 4 a 512-bit bfloat16 dot product issues at the rate of a 512-bit
