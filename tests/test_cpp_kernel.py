@@ -264,7 +264,7 @@ def test_tuning_follows_the_machine_and_can_be_overridden():
     l2 = _sysfs_l2_per_core()
     if l2 is not None:
         assert m["cache_source"] == "sysfs" and m["l2_bytes"] == l2
-    assert m["l2_bytes"] > 0 and m["tile_bytes"] == m["l2_bytes"] // 2 and m["work_per_thread"] > 0
+    assert m["l2_bytes"] > 0 and m["tile_bytes"] == m["l2_bytes"] // 4 and m["work_per_thread"] > 0
     keys, queries = case(51, 700, 48, 12)
     before = torch.get_num_threads()
     default = retrieve(queries, keys, backend="cpp", threshold=0.3)

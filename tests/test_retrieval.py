@@ -105,21 +105,27 @@ def test_ties_pick_lowest_index(backend, device, n, where, steps, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_row_does_not_depend_on_its_batch(backend):
     """Each row alone and inside a batch of 6 or 16 gets the same answer (index exactly, score to
-    float32 rounding). Regression: n=163, d=6, steps=3, beta=24, alpha=1, seed 49941."""
+    float32 rounding; where auto runs a batch of 8 or more with the bfloat16 split scores of
+    horen_fast.native, to the oracle's score tolerance: their error, about 1e-5 of a score, grows
+    with beta over the steps). Regression: n=163, d=6, steps=3, beta=24, alpha=1, seed 49941."""
+    from horen_fast import native
+
     rng = np.random.default_rng(49941)
     keys = torch.tensor(anisotropic_keys(rng, 163, 6)).float()
     queries = torch.tensor(mixed_queries(rng, keys.double().numpy(), 6, 6)).float()
     queries = torch.cat([queries, queries[:1] * 3, torch.tensor(unit(rng.standard_normal((9, 6)))).float()])
     kw = dict(steps=3, beta=24.0, alpha=1.0, threshold=0.5)
+    split = backend == "cpp" and native.retrieve_isa(queries, keys) in native.SPLIT_ISAS
+    atol = 2e-4 if split else 2e-6
     together = retrieve(queries, keys, backend=backend, **kw)
     for i in range(queries.shape[0]):
         alone = retrieve(queries[i:i + 1], keys, backend=backend, **kw)
         assert alone.index.item() == together.index[i].item(), i
-        torch.testing.assert_close(alone.score[0], together.score[i], atol=2e-6, rtol=0, equal_nan=True)
+        torch.testing.assert_close(alone.score[0], together.score[i], atol=atol, rtol=0, equal_nan=True)
     for b in (6, 16):
         part = retrieve(queries[:b], keys, backend=backend, **kw)
         assert torch.equal(part.index, together.index[:b])
-        torch.testing.assert_close(part.score, together.score[:b], atol=2e-6, rtol=0, equal_nan=True)
+        torch.testing.assert_close(part.score, together.score[:b], atol=atol, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,9 +3,11 @@
 //   * caches: /sys/devices/system/cpu/cpu0/cache (Linux), else sysconf(_SC_LEVEL*_CACHE_SIZE), else
 //     cpuid (leaf 4, or 0x8000001D on AMD), else 1 MiB of L2; the L2 of one core is its size divided
 //     by the logical CPUs sharing it;
-//   * tile_bytes, the keys the retrieval kernel scores and then sums per tile: half of one core's
-//     L2 (the tile is read twice, and the next tile is prefetched beside it: the prefetch distance
-//     is one tile, so it follows the tile);
+//   * tile_bytes, the keys the retrieval kernel scores and then sums per tile of one query: a
+//     quarter of one core's L2 (the tile is read twice, and the next tile is prefetched beside it:
+//     the two take half of the L2, the rest holds the query, the sums and the other streams). Half
+//     of the L2 was right on a Zen 5 EPYC (1 MiB L2) and 1.4x slower than a quarter on a Sapphire
+//     Rapids Xeon (2 MiB L2; bench/RESULTS.md 2026-12-02); the batched loops take twice it;
 //   * work_per_thread, the multiply-adds that pay for one more OpenMP thread, given for 16-lane
 //     (AVX-512 float32) arithmetic and scaled by the lanes of the instruction set in use: measured
 //     at first use as 4 x (the time to start and join a parallel region whose workers have gone
@@ -43,7 +45,7 @@ struct Machine {
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;  // L1 data and L2 of one core, L3 (0: unknown)
     int cpus = 1;                                       // logical CPUs online
     std::string cache_source = "default";               // sysfs | sysconf | cpuid | default
-    int64_t tile_bytes = 0;                             // half of l2_bytes
+    int64_t tile_bytes = 0;                             // a quarter of l2_bytes
     int64_t work_per_thread = 0;                        // multiply-adds at 16 lanes
     int64_t measured_work_per_thread = 0;               // what was measured (set_tuning restores it)
     int64_t long_work = 0;                              // multiply-adds of a ~2 ms pass, at 16 lanes
@@ -235,7 +237,7 @@ inline Machine detect() {
     else if (from_cpuid(m)) m.cache_source = "cpuid";
     else m.l2_bytes = DEFAULT_L2;
     m.cpus = std::max(1u, std::thread::hardware_concurrency());
-    m.tile_bytes = m.l2_bytes / 2;
+    m.tile_bytes = m.l2_bytes / 4;
     return m;
 }
 

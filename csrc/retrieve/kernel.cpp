@@ -458,16 +458,16 @@ class Driver {
 public:
     Driver(const Problem& p, const KernelSet<F, KT>& ks, Isa isa) : p_(p), ks_(ks), isa_(isa) {
         const int64_t key_bytes = std::max<int64_t>(1, p.d * static_cast<int64_t>(sizeof(KT)));
-        // a tile of keys stays in L2 between its two uses (csrc/common/machine.h: half of one core's L2)
+        // a tile of keys stays in L2 between its two uses (csrc/common/machine.h: a quarter of one L2)
         int64_t t = machine().tile_bytes / key_bytes;
         t = std::max<int64_t>(8, std::min<int64_t>(256, t));
         tile_ = static_cast<int>(t - t % 8);    // whole register blocks of the dot and axpy loops
         // the batched loops read a tile of keys twice (scores, then sums), each time in chunks of d
         // with all the tile's keys per chunk, so that the queries and the sums are read once per
-        // tile, and the sums prefetch the next tile: both tiles stay in L2, half of it each (the
-        // tile above). A tile of a whole L2 measured best on Zen 5 at B = 16 to 64, but 1.1-1.6x
-        // slower than half of one on a Sapphire Rapids Xeon (2 MiB L2, bench/RESULTS.md 2026-12-02)
-        int64_t bt = machine().tile_bytes / key_bytes;
+        // tile, and the sums prefetch the next tile: the two take the L2 (twice the tile above),
+        // as measured best on Zen 5 at B = 16 to 64 (a whole L2 each) and on a Sapphire Rapids
+        // Xeon (half of one each, 1.1-1.6x faster than a whole; bench/RESULTS.md 2026-12-02)
+        int64_t bt = 2 * machine().tile_bytes / key_bytes;
         bt = std::max<int64_t>(8, std::min<int64_t>(512, bt));
         btile_ = static_cast<int>(bt - bt % 8);
     }
