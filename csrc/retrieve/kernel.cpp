@@ -991,6 +991,9 @@ template <> struct OpsOf<double> { using type = OpsD; };
 template <class O, class KT, int JB, int BB, bool NORM>
 static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t qs, int64_t d,
                        typename O::F* out, int64_t os, typename O::F* nrm) {
+    // each key row is read 2 KiB ahead by hand: the L2 streamer stops at every 4 KiB page, and a
+    // single query reads the keys at the memory's rate (1.08-1.1x faster on a Sapphire Rapids Xeon)
+    constexpr int64_t DOT_PF = 2048 / static_cast<int64_t>(sizeof(KT));
     using V = typename O::V;
     constexpr int W = O::W;
     V acc[JB][BB];
@@ -1008,6 +1011,8 @@ static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t 
 #pragma GCC unroll 16
             for (int j = 0; j < JB; ++j) O::lk2(K + j * ks + c, lo[j], hi[j]);
 #pragma GCC unroll 16
+            for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 3);
+#pragma GCC unroll 16
             for (int b = 0; b < BB; ++b) {
                 qlo[b] = O::load(Q + b * qs + c);
                 qhi[b] = O::load(Q + b * qs + c + W);
@@ -1024,6 +1029,8 @@ static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t 
         V kv[JB], qv[BB];
 #pragma GCC unroll 16
         for (int j = 0; j < JB; ++j) kv[j] = O::lk(K + j * ks + c);
+#pragma GCC unroll 16
+        for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 3);
 #pragma GCC unroll 16
         for (int b = 0; b < BB; ++b) qv[b] = O::load(Q + b * qs + c);
 #pragma GCC unroll 16
