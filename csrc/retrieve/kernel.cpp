@@ -17,9 +17,10 @@
 // Passes of BATCH_MIN (8) or more query rows (prefill, evaluation) run the batched loops of
 // csrc/retrieve/batched.h instead: float32 (or float64) FMAs with each loaded key vector serving 8
 // queries from registers, queries and sums packed so that a chunk of them stays in L1. Their scores
-// can also run as AVX512_BF16 dot products of hi/lo bfloat16 splits (Isa::avx512bf16,
-// csrc/retrieve/bf16_split.h); measure_split_speedup() times both on this CPU, and
-// horen_fast/native.py takes the split where it is clearly faster. AMX is not built.
+// can also run on hi/lo bfloat16 splits, as AVX512_BF16 dot products (Isa::avx512bf16,
+// csrc/retrieve/bf16_split.h) or AMX-BF16 tile products (Isa::amx, csrc/retrieve/amx_scores.h,
+// which for bfloat16 keys also takes the weighted sums); measure_split_speedup() times each against
+// the FMAs on this CPU, and horen_fast/native.py takes a split where it is clearly faster.
 //
 // The inner loops exist three times, for AVX-512, AVX2+FMA and portable scalar code, picked by the
 // caller (horen_fast/native.py). They are written once, in the second half of this file, which
