@@ -61,6 +61,14 @@ def _native_isa() -> str | None:
     return native.cpu_isa()
 
 
+def _batched_isa() -> dict[str, str]:
+    """What auto runs a batch of 16 float32 queries with, per key dtype (the measured split rule)."""
+    from . import native
+    q = torch.zeros(16, 8)
+    return {name: native.retrieve_isa(q, torch.zeros(1, 8, dtype=dt))
+            for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
+
+
 def caches() -> dict[str, int]:
     """Cache sizes in bytes ("L1d", "L2", "L3") as the C++ kernels detect them (horen_fast.native:
     sysfs, else sysconf, else cpuid); empty when the extension is not built."""
@@ -103,6 +111,7 @@ def machine_info() -> dict:
     return {
         "cpu": cpu_model(), "flags": cpu_flags(), "kernel_isa": _native_isa() if m else None,
         "split_speedup": _split_speedup() if m else {},
+        "batched_isa": _batched_isa() if m else {},
         "caches": caches(), "tile_bytes": m.get("tile_bytes"), "cores": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -217,7 +226,9 @@ def _mem_available() -> int | None:
 def format_table(info: dict, probe: dict, rows: list[dict]) -> str:
     c = ", ".join(f"{k} {v >> 10} KiB" if v < (4 << 20) else f"{k} {v >> 20} MiB" for k, v in info["caches"].items())
     head = [f"CPU: {info['cpu']} ({info['cores']} cores, {info['threads']} torch threads); "
-            f"flags: {info['flags']}; C++ kernel ISA: {info['kernel_isa']}, tile {info['tile_bytes']} bytes",
+            f"flags: {info['flags']}; C++ kernel ISA: {info['kernel_isa']} (16 queries: "
+            + (", ".join(f"{v} for {k} keys" for k, v in info.get("batched_isa", {}).items()) or "-")
+            + f"), tile {info['tile_bytes']} bytes",
             f"caches: {c}; torch {info['torch']}; {info['date']}; load average {info['loadavg_1min']:.2f}",
             "bf16 split of the batched scores, measured: " + ("; ".join(
                 f"{isa}: " + ", ".join(f"{k} keys {v:.2f}x (bar {_split_bar()[isa][k]}x)" for k, v in per.items())
