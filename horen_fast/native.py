@@ -186,10 +186,11 @@ def retrieve_isa(queries: torch.Tensor, keys: torch.Tensor) -> str:
     if (requested == "auto" and isa == "avx512" and queries.dim() == 2 and queries.shape[0] >= 8
             and queries.dtype == torch.float32 and keys.dtype in _SPLIT_DTYPES):
         name = _SPLIT_DTYPES[keys.dtype]
-        measured = {i: v.get(name, 0.0) for i, v in split_speedup().items()
-                    if v.get(name, 0.0) >= SPLIT_MIN_SPEEDUP[i][name]}
-        if measured:
-            return max(measured, key=measured.get)
+        if _split_measured is None:
+            split_speedup()
+        cleared = {i: v[name] for i, v in _split_measured.items() if v[name] >= SPLIT_MIN_SPEEDUP[i][name]}
+        if cleared:
+            return max(cleared, key=cleared.get)
     return isa
 
 

@@ -48,6 +48,14 @@ static inline uint32_t float_to_bf16_bits(float f) {
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
+// x as bfloat16 hi = bf16(x) and lo = bf16(x - hi) (the split scores of the retrieval kernel:
+// csrc/retrieve/bf16_split.h)
+static inline void split_to_bf16(float x, uint16_t* hi, uint16_t* lo) {
+    const uint16_t h = static_cast<uint16_t>(float_to_bf16_bits(x));
+    *hi = h;
+    *lo = static_cast<uint16_t>(float_to_bf16_bits(x - bf16_to_float(h)));
+}
+
 static inline float to_float(float x) { return x; }
 static inline float to_float(bf16_t x) { return bf16_to_float(x.bits); }
 static inline float to_float(f16_t x) { return f16_to_float(x.bits); }

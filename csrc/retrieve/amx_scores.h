@@ -210,10 +210,7 @@ static void amx_sums(const bf16_t* K, int64_t ks, int nj, const float* w, int64_
                 uint16_t* hi = &wt[static_cast<size_t>(((b * ng + g) * 2 * BR + r) * 32)];
                 for (int i = 0; i < 32; ++i) {
                     const int j = g * 32 + i;
-                    const float x = j < nj ? w[(b * BR + r) * ws + j] : 0.0f;
-                    const uint16_t h = static_cast<uint16_t>(float_to_bf16_bits(x));
-                    hi[i] = h;
-                    hi[BR * 32 + i] = static_cast<uint16_t>(float_to_bf16_bits(x - bf16_to_float(h)));
+                    split_to_bf16(j < nj ? w[(b * BR + r) * ws + j] : 0.0f, hi + i, hi + BR * 32 + i);
                 }
             }
     alignas(64) uint16_t kt[2][16 * 32];  // B tiles: vectors cv, cv + 1

@@ -690,22 +690,16 @@ private:
             if (ks_.tile_pairs) {  // per 32 elements: [16 pairs][BR][2] hi, then lo (csrc/retrieve/amx_scores.h)
                 uint16_t* dst = reinterpret_cast<uint16_t*>(&Qp_[(a / BR) * qbsize]) + (a % BR) * 2;
                 for (int64_t c = 0; c < d; ++c) {
-                    const float x = static_cast<float>(src[c]);
-                    const uint32_t hi = float_to_bf16_bits(x);
                     uint16_t* v = dst + (c / 32) * 512 + (c % 32) / 2 * (2 * BR) + c % 2;
-                    v[0] = static_cast<uint16_t>(hi);
-                    v[256] = static_cast<uint16_t>(float_to_bf16_bits(x - bf16_to_float(static_cast<uint16_t>(hi))));
+                    split_to_bf16(static_cast<float>(src[c]), v, v + 256);
                 }
                 continue;
             }
             if (ks_.split) {  // pairs of vectors: 2W bfloat16 hi, then 2W lo (csrc/retrieve/bf16_split.h)
                 uint16_t* dst = reinterpret_cast<uint16_t*>(&Qp_[(a / BR) * qbsize]) + (a % BR) * 4 * W;
                 for (int64_t c = 0; c < d; ++c) {
-                    const float x = static_cast<float>(src[c]);
-                    const uint32_t hi = float_to_bf16_bits(x);
                     uint16_t* v = dst + (c / (2 * W)) * BR * 4 * W + c % (2 * W);
-                    v[0] = static_cast<uint16_t>(hi);
-                    v[2 * W] = static_cast<uint16_t>(float_to_bf16_bits(x - bf16_to_float(static_cast<uint16_t>(hi))));
+                    split_to_bf16(static_cast<float>(src[c]), v, v + 2 * W);
                 }
                 continue;
             }
@@ -995,6 +989,7 @@ static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t 
     // each key row is read 2 KiB ahead by hand: the L2 streamer stops at every 4 KiB page, and a
     // single query reads the keys at the memory's rate (1.08-1.1x faster on a Sapphire Rapids Xeon)
     constexpr int64_t DOT_PF = 2048 / static_cast<int64_t>(sizeof(KT));
+    constexpr int64_t DOT_LINE = 64 / static_cast<int64_t>(sizeof(KT));  // key elements per cache line
     using V = typename O::V;
     constexpr int W = O::W;
     V acc[JB][BB];
@@ -1011,8 +1006,9 @@ static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t 
             V lo[JB], hi[JB], qlo[BB], qhi[BB];
 #pragma GCC unroll 16
             for (int j = 0; j < JB; ++j) O::lk2(K + j * ks + c, lo[j], hi[j]);
+            if (c % DOT_LINE < 2 * W)  // once per cache line
 #pragma GCC unroll 16
-            for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 3);
+                for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 3);
 #pragma GCC unroll 16
             for (int b = 0; b < BB; ++b) {
                 qlo[b] = O::load(Q + b * qs + c);
@@ -1030,8 +1026,9 @@ static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t 
         V kv[JB], qv[BB];
 #pragma GCC unroll 16
         for (int j = 0; j < JB; ++j) kv[j] = O::lk(K + j * ks + c);
+        if (c % DOT_LINE < W)  // once per cache line
 #pragma GCC unroll 16
-        for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 3);
+            for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 3);
 #pragma GCC unroll 16
         for (int b = 0; b < BB; ++b) qv[b] = O::load(Q + b * qs + c);
 #pragma GCC unroll 16
