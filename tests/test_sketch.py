@@ -249,13 +249,22 @@ def test_importing_the_prefilter_first_keeps_the_cpp_backend():
     assert out.stdout.strip() == "True", out.stderr
 
 
+@pytest.fixture(params=native.supported_isas())
+def isa(request, monkeypatch):
+    """Every instruction set this CPU has, forced through the one switch (HOREN_FAST_CPU_ISA)."""
+    monkeypatch.setenv("HOREN_FAST_CPU_ISA", request.param)
+    assert native.cpu_isa() == request.param
+    return request.param
+
+
 @pytest.mark.skipif(not native.SKETCH_BUILT, reason="the C++ sketch scan (horen_fast._sketch) is not built")
 @pytest.mark.parametrize("b,nearest,rank,tail_rank,bound_rank", [
     (1, 0, 32, 32, 32), (1, 16, 128, 16, 64), (7, 5, 64, 16, 32), (64, 32, 128, 32, 64),
     (64, 0, 128, 16, 64), (9, 3, 128, 64, 64), (3, 4, 40, 8, 24)])
-def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank, bound_rank):
-    """The C++ passes against the torch reference: AVX-512 blocks (one query, groups of queries
-    from 8) and the generic loop (widths 8 and 24)."""
+def test_native_scan_equals_the_torch_scan(b, nearest, rank, tail_rank, bound_rank, isa):
+    """The C++ passes against the torch reference on every instruction set: the blocks of 16 rows
+    (AVX-512 or AVX2; one query, groups of queries from 8) and the generic loop (scalar, and
+    widths 8 and 24)."""
     model, keys = _model_keys(6000, seed=b)
     sk = _filled(keys, rank, tail_rank=tail_rank, bound_rank=bound_rank)
     sk.kill(range(0, 6000, 97))
@@ -308,7 +317,7 @@ def test_the_passes_pick_their_implementation():
             fitted.scan(q.double(), 20.0, exclude, 2)
 
 
-def test_pair_dots_equal_the_plain_products():
+def test_pair_dots_equal_the_plain_products(isa):
     g = torch.Generator().manual_seed(3)
     store = torch.randn(50, 200, generator=g)
     q = torch.randn(7, 37, generator=g)

@@ -1,0 +1,295 @@
+// The key sketch's hand-vectorized passes (csrc/sketch/kernels.cpp): blocks of 16 rows, written
+// once against a 16-lane float type O and included by kernels.cpp once per instruction set, inside
+// its `#pragma GCC target` region and namespace (no include guard on purpose): O is one __m512 on
+// AVX-512 and two __m256 on AVX2 (the L16 structs there). O provides
+//   V, zero, set1, load, loadn (first n lanes, the rest 0), store, add, sub, mul, fma, sqrt, exp,
+//   gt (lanes a > b as the bits of a uint32_t, ordered: NaN is not greater), maskz (lanes whose bit
+//   is clear set to 0), sum (of the 16 lanes), widen (16 bfloat16 -> V), dot (float . bfloat16
+//   over n, for the fine part of a bound) and PAIRS: whether scores_bf, the bfloat16 dot products
+//   of many queries with a block of rows in pairs, exists (AVX512_BF16).
+
+#ifndef HOREN_SKETCH_BLOCKS
+#error "csrc/sketch/blocks.h is part of kernels.cpp's instruction-set regions"
+#endif
+
+// widen n <= 16 coarse rows (VC * 16 bfloat16 each) to floats dst[16][VC * 16]
+template <class O, int VC> HOREN_INLINE void widen_block(const uint16_t* src, float* dst, int n) {
+    for (int l = 0; l < n; ++l)
+        for (int v = 0; v < VC; ++v) O::store(dst + (l * VC + v) * 16, O::widen(src + (l * VC + v) * 16));
+}
+
+// the 16 scores over columns [V0 * 16, V1 * 16) of a row-major block of rows VC * 16 wide
+// (lanes past n are 0)
+template <class O, int V0, int V1, int VC> HOREN_INLINE typename O::V scores16(const float* q, const float* yb, int n) {
+    if constexpr (V1 <= V0) {
+        return O::zero();
+    } else {
+        typename O::V qv[V1 - V0];
+        for (int v = V0; v < V1; ++v) qv[v - V0] = O::load(q + v * 16);
+        alignas(64) float s[16] = {0.f};
+        for (int l = 0; l < n; ++l) {
+            typename O::V acc = O::mul(qv[0], O::load(yb + (l * VC + V0) * 16));
+            for (int v = V0 + 1; v < V1; ++v) acc = O::fma(qv[v - V0], O::load(yb + (l * VC + v) * 16), acc);
+            s[l] = O::sum(acc);
+        }
+        return O::load(s);
+    }
+}
+
+// the first ``cols`` columns of the block transposed: dst[j][l] = src[l][j] (lanes past n are 0),
+// so that one query's 16 scores are multiply-adds of 16 lanes with no horizontal sums
+template <int VC> inline void transpose_block(const float* src, float* dst, int n, int cols) {
+    if (n < 16) std::memset(dst, 0, sizeof(float) * cols * 16);
+    for (int l = 0; l < n; ++l)
+        for (int j = 0; j < cols; ++j) dst[j * 16 + l] = src[l * VC * 16 + j];
+}
+
+// add the 16 scores over columns [J0, J1) of a transposed block for G queries to acc[G]: each
+// transposed column is loaded once for the whole group
+template <class O, int J0, int J1, int G>
+HOREN_INLINE void scores16_g(const float* const* q, const float* yt, typename O::V* acc) {
+    for (int j = J0; j < J1; ++j) {
+        const typename O::V y = O::load(yt + j * 16);
+        for (int k = 0; k < G; ++k) acc[k] = O::fma(O::set1(q[k][j]), y, acc[k]);
+    }
+}
+
+// a block's coarse rows widened to floats (yb) and, for many queries, its first ``cols`` columns
+// transposed: as bfloat16 pairs (ytp) for the bfloat16 products, else as floats (yt)
+template <class O, int VC> HOREN_INLINE void load_block(const Args& a, int64_t i0, int n, bool many, bool pairs,
+                                                        int cols, float* yb, float* yt, uint32_t* ytp) {
+    const uint16_t* rows = a.rows_c + i0 * VC * 16;
+    widen_block<O, VC>(rows, yb, n);
+    if (!many) return;
+    if (pairs) transpose_pairs(rows, VC * 16, ytp, n, cols);
+    else transpose_block<VC>(yb, yt, n, cols);
+}
+
+// one block of 16 rows for G queries b0 .. b0 + G - 1: scores (tail columns, and the rest of the
+// coarse columns when near keys are wanted), near-key offers, weights, and the weighted rows
+// (each row of the block loaded once for the group)
+template <class O, int VT, int VC, int G> HOREN_INLINE void scan_group(
+        const Args& a, int64_t b0, int64_t i0, int n, uint32_t alive, bool many, const float* yb,
+        const float* yt, const uint32_t* ytp, typename O::V et, typename O::V sec, std::vector<int64_t>& ptr,
+        std::vector<Acc>& acc, std::vector<std::vector<Entry>>& heaps, std::vector<float>& lanes_z,
+        std::vector<float>& lanes_v) {
+    using V = typename O::V;
+    constexpr int RC = VC * 16;
+    alignas(64) float sc_l[16], uc[16], lg[16], w[G][16];
+    V st[G], sc[G];
+    uint32_t m[G], any = 0;
+    for (int k = 0; k < G; ++k) any |= m[k] = lanes(a, a.excl + (b0 + k) * a.K, ptr[b0 + k], i0, n, alive);
+    if (!any) return;
+    const bool near = a.k2 > 0;
+    bool done = false;
+    if constexpr (O::PAIRS) {
+        if (many && a.qpair && !near) {
+            const uint32_t* qs[G];
+            for (int k = 0; k < G; ++k) {
+                qs[k] = a.qpair + (b0 + k) * (RC / 2);
+                st[k] = O::zero();
+            }
+            O::template scores_bf<0, VT * 16, G>(qs, ytp, st);
+            done = true;
+        }
+    }
+    if (done) {
+    } else if (many) {
+        const float* qs[G];
+        for (int k = 0; k < G; ++k) {
+            qs[k] = a.qc + (b0 + k) * RC;
+            st[k] = O::zero();
+        }
+        scores16_g<O, 0, VT * 16, G>(qs, yt, st);
+        if (near) {
+            for (int k = 0; k < G; ++k) sc[k] = st[k];
+            scores16_g<O, VT * 16, RC, G>(qs, yt, sc);
+        }
+    } else {
+        for (int k = 0; k < G; ++k) {
+            const float* q = a.qc + (b0 + k) * RC;
+            st[k] = scores16<O, 0, VT, VC>(q, yb, n);
+            if (near) sc[k] = O::add(st[k], scores16<O, VT, VC, VC>(q, yb, n));
+        }
+    }
+    for (int k = 0; k < G; ++k) {
+        const int64_t b = b0 + k;
+        const V logit = O::fma(O::set1(a.beta), st[k], O::mul(O::set1(a.cvar[b]), et));
+        Acc& ac = acc[b];
+        if (m[k] && near) {  // rows whose coarse bound reaches the heap: one at a time, in label order
+            auto& h = heaps[b];
+            const V u = O::fma(O::set1(a.perp_c[b]), sec, sc[k]);
+            const float floor = static_cast<int64_t>(h.size()) < a.k2 ? NEG_INF : h.front().u - a.slack;
+            uint32_t hit = m[k] & O::gt(u, O::set1(floor));
+            if (hit) {
+                O::store(sc_l, sc[k]);
+                O::store(uc, u);
+                O::store(lg, logit);
+                for (int l = 0; l < n; ++l)
+                    if ((hit >> l & 1u) && offer(a, b, i0 + l, sc_l[l], uc[l], lg[l], h, ac, &fine_dot))
+                        m[k] &= ~(1u << l);
+            }
+        }
+        const V wk = O::maskz(m[k], O::exp(O::sub(logit, O::set1(ac.max))));
+        float* lz = lanes_z.data() + b * 16;
+        float* lv = lanes_v.data() + b * 16;
+        O::store(lz, O::add(O::load(lz), wk));
+        O::store(lv, O::fma(wk, et, O::load(lv)));
+        O::store(w[k], wk);
+    }
+    any = 0;
+    for (int k = 0; k < G; ++k) any |= m[k];
+    V ay[G][VT];
+    for (int k = 0; k < G; ++k)
+        for (int v = 0; v < VT; ++v) ay[k][v] = O::load(acc[b0 + k].y.data() + v * 16);
+    for (uint32_t bits = any; bits; bits &= bits - 1) {
+        const int l = __builtin_ctz(bits);
+        V y[VT];
+        for (int v = 0; v < VT; ++v) y[v] = O::load(yb + (l * VC + v) * 16);
+        for (int k = 0; k < G; ++k) {
+            const V wl = O::set1(w[k][l]);
+            for (int v = 0; v < VT; ++v) ay[k][v] = O::fma(wl, y[v], ay[k][v]);
+        }
+    }
+    for (int k = 0; k < G; ++k)
+        for (int v = 0; v < VT; ++v) O::store(acc[b0 + k].y.data() + v * 16, ay[k][v]);
+}
+
+// Every query's weights are taken relative to a fixed shift, the largest logit possible
+// (acc[b].max = beta + cvar[b], see fixed_shift), so no running maximum and no rescaling: the
+// weight sum and weighted energy add up lane by lane, and nothing underflows (logits >= -beta).
+template <class O, int VT, int VC>
+void scan_blocks(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc, std::vector<std::vector<Entry>>& heaps) {
+    using V = typename O::V;
+    constexpr int RC = VC * 16;
+    alignas(64) float yb[16 * RC], yt[16 * RC];
+    alignas(64) uint32_t ytp[8 * RC];
+    std::vector<int64_t> ptr = start_pointers(a, lo);
+    std::vector<float> lanes_z(a.B * 16, 0.f), lanes_v(a.B * 16, 0.f);
+    const bool many = a.B >= TRANSPOSE_FROM;
+    for (int64_t i0 = lo; i0 < hi; i0 += 16) {
+        const int n = static_cast<int>(std::min<int64_t>(16, hi - i0));
+        const uint32_t alive = alive_lanes(a, i0, n);
+        if (!alive) continue;
+        load_block<O, VC>(a, i0, n, many, a.qpair && a.k2 == 0, a.k2 > 0 ? RC : VT * 16, yb, yt, ytp);
+        if (many) {  // many queries: most of this block's fine rows will be read; fetch the next block's
+            const int64_t next = std::min<int64_t>(i0 + 16, hi), rows = std::min<int64_t>(16, hi - next);
+            const char* at = reinterpret_cast<const char*>(a.rows_f + next * a.rf);
+            for (int64_t off = 0; off < rows * a.rf * 2; off += 64) _mm_prefetch(at + off, _MM_HINT_T0);
+        }
+        const V et = O::loadn(a.e_t + i0, n);
+        const V sec = O::sqrt(O::loadn(a.e_c + i0, n));
+        for (int64_t b0 = 0; b0 < a.B; b0 += 4) {  // queries in groups of up to 4
+            switch (std::min<int64_t>(4, a.B - b0)) {
+                case 4: scan_group<O, VT, VC, 4>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 3: scan_group<O, VT, VC, 3>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 2: scan_group<O, VT, VC, 2>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                default: scan_group<O, VT, VC, 1>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v);
+            }
+        }
+    }
+    for (int64_t b = 0; b < a.B; ++b) {
+        acc[b].z += O::sum(O::load(lanes_z.data() + b * 16));
+        acc[b].v += O::sum(O::load(lanes_v.data() + b * 16));
+    }
+}
+
+// one block of 16 rows for G queries: bounds from the first rt columns (the screen: rescue's Args
+// carry the screen's width, energies and |q outside| in the tail's fields), then (for a query with
+// a lane that passes) from the coarse part, then (where that passes) the full bound
+template <class O, int VT, int VC, int G> HOREN_INLINE void rescue_group(
+        const Args& a, const float* floor, int64_t b0, int64_t i0, int n, uint32_t alive, bool many,
+        const float* yb, const float* yt, const uint32_t* ytp, typename O::V set, typename O::V sec,
+        std::vector<int64_t>& ptr, std::vector<std::pair<int64_t, int64_t>>& out) {
+    using V = typename O::V;
+    constexpr int RC = VC * 16;
+    alignas(64) float sc_l[16];
+    V st[G], sc[G];
+    uint32_t m[G], hit[G], any = 0;
+    for (int k = 0; k < G; ++k) any |= m[k] = lanes(a, a.excl + (b0 + k) * a.K, ptr[b0 + k], i0, n, alive);
+    if (!any) return;
+    const float* qs[G];
+    for (int k = 0; k < G; ++k) {
+        qs[k] = a.qc + (b0 + k) * RC;
+        st[k] = O::zero();
+    }
+    bool done = false;
+    if constexpr (O::PAIRS) {
+        if (many && a.qpair) {
+            const uint32_t* qp[G];
+            for (int k = 0; k < G; ++k) qp[k] = a.qpair + (b0 + k) * (RC / 2);
+            O::template scores_bf<0, VT * 16, G>(qp, ytp, st);
+            done = true;
+        }
+    }
+    if (done) {
+    } else if (many) {
+        scores16_g<O, 0, VT * 16, G>(qs, yt, st);
+    } else {
+        for (int k = 0; k < G; ++k) st[k] = scores16<O, 0, VT, VC>(qs[k], yb, n);
+    }
+    any = 0;
+    for (int k = 0; k < G; ++k) {
+        const V u = O::fma(O::set1(a.perp_t[b0 + k]), set, st[k]);
+        any |= hit[k] = m[k] & O::gt(O::add(u, O::set1(a.slack)), O::set1(floor[b0 + k]));
+    }
+    if (!any) return;
+    for (int k = 0; k < G; ++k) {  // the rest of the coarse part, only for queries with a hit
+        sc[k] = st[k];
+        if (!hit[k]) continue;
+        sc[k] = O::add(st[k], scores16<O, VT, VC, VC>(qs[k], yb, n));
+    }
+    for (int k = 0; k < G; ++k) {
+        if (!hit[k]) continue;
+        const int64_t b = b0 + k;
+        const V u = O::fma(O::set1(a.perp_c[b]), sec, sc[k]);
+        const uint32_t h = hit[k] & O::gt(O::add(u, O::set1(a.slack)), O::set1(floor[b]));
+        if (!h) continue;
+        O::store(sc_l, sc[k]);
+        for (int l = 0; l < n; ++l)
+            if ((h >> l & 1u) && full_bound(a, b, i0 + l, sc_l[l], &fine_dot) + a.slack > floor[b])
+                out.emplace_back(b, i0 + l);
+    }
+}
+
+template <class O, int VT, int VC>
+void rescue_blocks(const Args& a, const float* floor, int64_t lo, int64_t hi,
+                   std::vector<std::pair<int64_t, int64_t>>& out) {
+    using V = typename O::V;
+    constexpr int RC = VC * 16;
+    alignas(64) float yb[16 * RC], yt[16 * RC];
+    alignas(64) uint32_t ytp[8 * RC];
+    std::vector<int64_t> ptr = start_pointers(a, lo);
+    const bool many = a.B >= TRANSPOSE_FROM;
+    for (int64_t i0 = lo; i0 < hi; i0 += 16) {
+        const int n = static_cast<int>(std::min<int64_t>(16, hi - i0));
+        const uint32_t alive = alive_lanes(a, i0, n);
+        if (!alive) continue;
+        load_block<O, VC>(a, i0, n, many, a.qpair != nullptr, VT * 16, yb, yt, ytp);  // the screen's columns
+        const V set = O::sqrt(O::loadn(a.e_t + i0, n));
+        const V sec = O::sqrt(O::loadn(a.e_c + i0, n));
+        for (int64_t b0 = 0; b0 < a.B; b0 += 4) {  // queries in groups of up to 4
+            switch (std::min<int64_t>(4, a.B - b0)) {
+                case 4: rescue_group<O, VT, VC, 4>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out); break;
+                case 3: rescue_group<O, VT, VC, 3>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out); break;
+                case 2: rescue_group<O, VT, VC, 2>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out); break;
+                default: rescue_group<O, VT, VC, 1>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out);
+            }
+        }
+    }
+}
+
+// the two passes for this instruction set, at the (tail, coarse) widths with a specialization;
+// false (nothing run) for the others
+inline bool scan_here(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc,
+                      std::vector<std::vector<Entry>>& heaps) {
+    return with_widths(a.rc, a.rt, [&](auto vt, auto vc) {
+        scan_blocks<L16, decltype(vt)::value, decltype(vc)::value>(a, lo, hi, acc, heaps);
+    });
+}
+inline bool rescue_here(const Args& a, const float* floor, int64_t lo, int64_t hi,
+                        std::vector<std::pair<int64_t, int64_t>>& out) {
+    return with_widths(a.rc, a.rt, [&](auto vt, auto vc) {
+        rescue_blocks<L16, decltype(vt)::value, decltype(vc)::value>(a, floor, lo, hi, out);
+    });
+}
