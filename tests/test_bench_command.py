@@ -28,3 +28,19 @@ def test_bench_rejects_a_bad_case():
     p = subprocess.run([sys.executable, "-m", "horen_fast.cli", "bench", "--cases", "10x0x1"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "bad case" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_slow_implementation_is_timed_fewer_times(monkeypatch):
+    """Past the time budget an implementation is timed less often (its warm-up is its one
+    measurement when a call exceeds the whole budget), and the table says which rows."""
+    from horen_fast import benchmark
+    monkeypatch.setattr(benchmark, "BUDGET_S", 0.0)
+    rows = benchmark.run_cases([(300, 64, 2, "float32")], reps=3, rate=1e10)
+    assert rows and all(r["reps"] == 1 for r in rows)
+    monkeypatch.setattr(benchmark, "BUDGET_S", 1e9)
+    rows += benchmark.run_cases([(300, 64, 2, "float32")], reps=3, rate=1e10)
+    assert {r["reps"] for r in rows} == {1, 3}
+    info = {"cpu": "x", "cores": 2, "threads": 2, "flags": "", "kernel_isa": "-", "tile_bytes": 0, "caches": {},
+            "torch": "-", "date": "-", "loadavg_1min": 0.0}
+    table = benchmark.format_table(info, {"rate": 1e10, "bytes": 1 << 30}, rows)
+    assert "timed fewer than 3 times" in table and "published at 300x64x2 float32: 1" in table
