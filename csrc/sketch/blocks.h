@@ -4,9 +4,10 @@
 // AVX-512 and two __m256 on AVX2 (the L16 structs there). O provides
 //   V, zero, set1, load, loadn (first n lanes, the rest 0), store, add, sub, mul, fma, sqrt, exp,
 //   gt (lanes a > b as the bits of a uint32_t, ordered: NaN is not greater), maskz (lanes whose bit
-//   is clear set to 0), sum (of the 16 lanes), widen (16 bfloat16 -> V), dot (float . bfloat16
-//   over n, for the fine part of a bound) and PAIRS: whether scores_bf, the bfloat16 dot products
-//   of many queries with a block of rows in pairs, exists (AVX512_BF16).
+//   is clear set to 0), sum (of the 16 lanes), widen (16 bfloat16 -> V), pairs (16 words of two
+//   bfloat16 -> the 16 first and the 16 second values) and PAIRS: whether scores_bf, the bfloat16
+//   dot products of many queries with a block of rows in pairs, exists (AVX512_BF16). Each
+//   instruction set also defines fine_dot (float . bfloat16 over n, the fine part of a bound).
 
 #ifndef HOREN_SKETCH_BLOCKS
 #error "csrc/sketch/blocks.h is part of kernels.cpp's instruction-set regions"
@@ -36,33 +37,28 @@ template <class O, int V0, int V1, int VC> HOREN_INLINE typename O::V scores16(c
     }
 }
 
-// the first ``cols`` columns of the block transposed: dst[j][l] = src[l][j] (lanes past n are 0),
-// so that one query's 16 scores are multiply-adds of 16 lanes with no horizontal sums
-template <int VC> inline void transpose_block(const float* src, float* dst, int n, int cols) {
-    if (n < 16) std::memset(dst, 0, sizeof(float) * cols * 16);
-    for (int l = 0; l < n; ++l)
-        for (int j = 0; j < cols; ++j) dst[j * 16 + l] = src[l * VC * 16 + j];
-}
-
-// add the 16 scores over columns [J0, J1) of a transposed block for G queries to acc[G]: each
-// transposed column is loaded once for the whole group
+// add the 16 scores over columns [J0, J1) (even) of a block transposed as bfloat16 pairs (ytp,
+// see transpose_pairs) for G queries to acc[G]: each pair of columns is loaded and widened once
+// for the whole group (copying 32-bit pairs moves half as many values as a float transpose)
 template <class O, int J0, int J1, int G>
-HOREN_INLINE void scores16_g(const float* const* q, const float* yt, typename O::V* acc) {
-    for (int j = J0; j < J1; ++j) {
-        const typename O::V y = O::load(yt + j * 16);
-        for (int k = 0; k < G; ++k) acc[k] = O::fma(O::set1(q[k][j]), y, acc[k]);
+HOREN_INLINE void scores16_g(const float* const* q, const uint32_t* ytp, typename O::V* acc) {
+    typename O::V a[G];  // in registers for the loop (through the pointer, two-register lanes spill)
+    for (int k = 0; k < G; ++k) a[k] = acc[k];
+    for (int j = J0 / 2; j < J1 / 2; ++j) {
+        typename O::V lo, hi;
+        O::pairs(ytp + j * 16, lo, hi);
+        for (int k = 0; k < G; ++k) a[k] = O::fma(O::set1(q[k][2 * j + 1]), hi, O::fma(O::set1(q[k][2 * j]), lo, a[k]));
     }
+    for (int k = 0; k < G; ++k) acc[k] = a[k];
 }
 
 // a block's coarse rows widened to floats (yb) and, for many queries, its first ``cols`` columns
-// transposed: as bfloat16 pairs (ytp) for the bfloat16 products, else as floats (yt)
-template <class O, int VC> HOREN_INLINE void load_block(const Args& a, int64_t i0, int n, bool many, bool pairs,
-                                                        int cols, float* yb, float* yt, uint32_t* ytp) {
+// transposed as bfloat16 pairs (ytp), for the bfloat16 dot products or scores16_g
+template <class O, int VC> HOREN_INLINE void load_block(const Args& a, int64_t i0, int n, bool many, int cols,
+                                                        float* yb, uint32_t* ytp) {
     const uint16_t* rows = a.rows_c + i0 * VC * 16;
     widen_block<O, VC>(rows, yb, n);
-    if (!many) return;
-    if (pairs) transpose_pairs(rows, VC * 16, ytp, n, cols);
-    else transpose_block<VC>(yb, yt, n, cols);
+    if (many) transpose_pairs(rows, VC * 16, ytp, n, cols);
 }
 
 // one block of 16 rows for G queries b0 .. b0 + G - 1: scores (tail columns, and the rest of the
@@ -70,7 +66,7 @@ template <class O, int VC> HOREN_INLINE void load_block(const Args& a, int64_t i
 // (each row of the block loaded once for the group)
 template <class O, int VT, int VC, int G> HOREN_INLINE void scan_group(
         const Args& a, int64_t b0, int64_t i0, int n, uint32_t alive, bool many, const float* yb,
-        const float* yt, const uint32_t* ytp, typename O::V et, typename O::V sec, std::vector<int64_t>& ptr,
+        const uint32_t* ytp, typename O::V et, typename O::V sec, std::vector<int64_t>& ptr,
         std::vector<Acc>& acc, std::vector<std::vector<Entry>>& heaps, std::vector<float>& lanes_z,
         std::vector<float>& lanes_v) {
     using V = typename O::V;
@@ -100,10 +96,10 @@ template <class O, int VT, int VC, int G> HOREN_INLINE void scan_group(
             qs[k] = a.qc + (b0 + k) * RC;
             st[k] = O::zero();
         }
-        scores16_g<O, 0, VT * 16, G>(qs, yt, st);
+        scores16_g<O, 0, VT * 16, G>(qs, ytp, st);
         if (near) {
             for (int k = 0; k < G; ++k) sc[k] = st[k];
-            scores16_g<O, VT * 16, RC, G>(qs, yt, sc);
+            scores16_g<O, VT * 16, RC, G>(qs, ytp, sc);
         }
     } else {
         for (int k = 0; k < G; ++k) {
@@ -162,7 +158,7 @@ template <class O, int VT, int VC>
 void scan_blocks(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc, std::vector<std::vector<Entry>>& heaps) {
     using V = typename O::V;
     constexpr int RC = VC * 16;
-    alignas(64) float yb[16 * RC], yt[16 * RC];
+    alignas(64) float yb[16 * RC];
     alignas(64) uint32_t ytp[8 * RC];
     std::vector<int64_t> ptr = start_pointers(a, lo);
     std::vector<float> lanes_z(a.B * 16, 0.f), lanes_v(a.B * 16, 0.f);
@@ -171,7 +167,7 @@ void scan_blocks(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc, s
         const int n = static_cast<int>(std::min<int64_t>(16, hi - i0));
         const uint32_t alive = alive_lanes(a, i0, n);
         if (!alive) continue;
-        load_block<O, VC>(a, i0, n, many, a.qpair && a.k2 == 0, a.k2 > 0 ? RC : VT * 16, yb, yt, ytp);
+        load_block<O, VC>(a, i0, n, many, a.k2 > 0 ? RC : VT * 16, yb, ytp);
         if (many) {  // many queries: most of this block's fine rows will be read; fetch the next block's
             const int64_t next = std::min<int64_t>(i0 + 16, hi), rows = std::min<int64_t>(16, hi - next);
             const char* at = reinterpret_cast<const char*>(a.rows_f + next * a.rf);
@@ -181,10 +177,10 @@ void scan_blocks(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc, s
         const V sec = O::sqrt(O::loadn(a.e_c + i0, n));
         for (int64_t b0 = 0; b0 < a.B; b0 += 4) {  // queries in groups of up to 4
             switch (std::min<int64_t>(4, a.B - b0)) {
-                case 4: scan_group<O, VT, VC, 4>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
-                case 3: scan_group<O, VT, VC, 3>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
-                case 2: scan_group<O, VT, VC, 2>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
-                default: scan_group<O, VT, VC, 1>(a, b0, i0, n, alive, many, yb, yt, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v);
+                case 4: scan_group<O, VT, VC, 4>(a, b0, i0, n, alive, many, yb, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 3: scan_group<O, VT, VC, 3>(a, b0, i0, n, alive, many, yb, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                case 2: scan_group<O, VT, VC, 2>(a, b0, i0, n, alive, many, yb, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v); break;
+                default: scan_group<O, VT, VC, 1>(a, b0, i0, n, alive, many, yb, ytp, et, sec, ptr, acc, heaps, lanes_z, lanes_v);
             }
         }
     }
@@ -199,7 +195,7 @@ void scan_blocks(const Args& a, int64_t lo, int64_t hi, std::vector<Acc>& acc, s
 // a lane that passes) from the coarse part, then (where that passes) the full bound
 template <class O, int VT, int VC, int G> HOREN_INLINE void rescue_group(
         const Args& a, const float* floor, int64_t b0, int64_t i0, int n, uint32_t alive, bool many,
-        const float* yb, const float* yt, const uint32_t* ytp, typename O::V set, typename O::V sec,
+        const float* yb, const uint32_t* ytp, typename O::V set, typename O::V sec,
         std::vector<int64_t>& ptr, std::vector<std::pair<int64_t, int64_t>>& out) {
     using V = typename O::V;
     constexpr int RC = VC * 16;
@@ -224,7 +220,7 @@ template <class O, int VT, int VC, int G> HOREN_INLINE void rescue_group(
     }
     if (done) {
     } else if (many) {
-        scores16_g<O, 0, VT * 16, G>(qs, yt, st);
+        scores16_g<O, 0, VT * 16, G>(qs, ytp, st);
     } else {
         for (int k = 0; k < G; ++k) st[k] = scores16<O, 0, VT, VC>(qs[k], yb, n);
     }
@@ -257,7 +253,7 @@ void rescue_blocks(const Args& a, const float* floor, int64_t lo, int64_t hi,
                    std::vector<std::pair<int64_t, int64_t>>& out) {
     using V = typename O::V;
     constexpr int RC = VC * 16;
-    alignas(64) float yb[16 * RC], yt[16 * RC];
+    alignas(64) float yb[16 * RC];
     alignas(64) uint32_t ytp[8 * RC];
     std::vector<int64_t> ptr = start_pointers(a, lo);
     const bool many = a.B >= TRANSPOSE_FROM;
@@ -265,15 +261,15 @@ void rescue_blocks(const Args& a, const float* floor, int64_t lo, int64_t hi,
         const int n = static_cast<int>(std::min<int64_t>(16, hi - i0));
         const uint32_t alive = alive_lanes(a, i0, n);
         if (!alive) continue;
-        load_block<O, VC>(a, i0, n, many, a.qpair != nullptr, VT * 16, yb, yt, ytp);  // the screen's columns
+        load_block<O, VC>(a, i0, n, many, VT * 16, yb, ytp);  // the screen's columns
         const V set = O::sqrt(O::loadn(a.e_t + i0, n));
         const V sec = O::sqrt(O::loadn(a.e_c + i0, n));
         for (int64_t b0 = 0; b0 < a.B; b0 += 4) {  // queries in groups of up to 4
             switch (std::min<int64_t>(4, a.B - b0)) {
-                case 4: rescue_group<O, VT, VC, 4>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out); break;
-                case 3: rescue_group<O, VT, VC, 3>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out); break;
-                case 2: rescue_group<O, VT, VC, 2>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out); break;
-                default: rescue_group<O, VT, VC, 1>(a, floor, b0, i0, n, alive, many, yb, yt, ytp, set, sec, ptr, out);
+                case 4: rescue_group<O, VT, VC, 4>(a, floor, b0, i0, n, alive, many, yb, ytp, set, sec, ptr, out); break;
+                case 3: rescue_group<O, VT, VC, 3>(a, floor, b0, i0, n, alive, many, yb, ytp, set, sec, ptr, out); break;
+                case 2: rescue_group<O, VT, VC, 2>(a, floor, b0, i0, n, alive, many, yb, ytp, set, sec, ptr, out); break;
+                default: rescue_group<O, VT, VC, 1>(a, floor, b0, i0, n, alive, many, yb, ytp, set, sec, ptr, out);
             }
         }
     }

@@ -274,6 +274,13 @@ struct L16 {
         const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
         return {widen8(_mm256_castsi256_si128(h)), widen8(_mm256_extracti128_si256(h, 1))};
     }
+    static HOREN_INLINE void pairs(const uint32_t* p, V& first, V& second) {
+        const __m256i m = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+        const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 8));
+        first = {_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
+        second = {_mm256_castsi256_ps(_mm256_and_si256(a, m)), _mm256_castsi256_ps(_mm256_and_si256(b, m))};
+    }
 };
 
 #define HOREN_SKETCH_BLOCKS 1
@@ -345,6 +352,11 @@ struct L16 {
     static HOREN_INLINE V widen(const uint16_t* p) {
         const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    static HOREN_INLINE void pairs(const uint32_t* p, V& first, V& second) {
+        const __m512i w = _mm512_load_si512(p);
+        first = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        second = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
     }
     template <int J0, int J1, int G> static HOREN_INLINE void scores_bf(const uint32_t* const* q, const uint32_t* ytp, V* acc) {
         scores16_bf<J0, J1, G>(q, ytp, acc);
