@@ -8,6 +8,7 @@ A failed C++ build fails the install, so that it is seen (pip hides the warnings
 succeeds). HOREN_FAST_REQUIRE_CPP=0 installs without the kernels instead: horen_fast then uses
 the torch backend and says why (dispatch reasons) when a C++ kernel is asked for.
 """
+import glob
 import os
 import sys
 
@@ -44,6 +45,7 @@ class OptionalBuildExt(build_ext):
 
 RETRIEVE_SOURCES = ["csrc/retrieve/kernel.cpp", "csrc/bindings/retrieve_module.cpp"]
 SKETCH_SOURCES = ["csrc/sketch/kernels.cpp", "csrc/bindings/sketch_module.cpp"]
+HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True))  # a changed header rebuilds the modules
 
 ext_modules = []
 if Pybind11Extension is not None and all(os.path.exists(p) for p in RETRIEVE_SOURCES + SKETCH_SOURCES):
@@ -52,6 +54,7 @@ if Pybind11Extension is not None and all(os.path.exists(p) for p in RETRIEVE_SOU
         Pybind11Extension(
             "horen_fast._C",
             RETRIEVE_SOURCES,
+            depends=HEADERS,
             extra_compile_args=["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
             extra_link_args=["-fopenmp"],
             cxx_std=17,
@@ -61,6 +64,7 @@ if Pybind11Extension is not None and all(os.path.exists(p) for p in RETRIEVE_SOU
         Pybind11Extension(
             "horen_fast._sketch",
             SKETCH_SOURCES,
+            depends=HEADERS,
             extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
             cxx_std=17,

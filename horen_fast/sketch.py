@@ -39,7 +39,7 @@ rescoring of flagged (query, key) pairs is the op "pair_dots" (``pair_dots`` bel
 functions here (``scan_torch``, ``rescue_torch``, ``pair_dots_torch``) are the reference and what
 runs elsewhere (CUDA, float64, the identity basis, no compiled module); on the CPU with float32
 queries and a fitted basis the C++ passes of horen_fast/native.py serve them (csrc/sketch: one
-fused pass, AVX-512 blocks or a generic loop, OpenMP).
+fused pass, blocks of 16 rows on AVX-512 or AVX2 (csrc/sketch/blocks.h) or a generic loop, OpenMP).
 
 The tail is a model, not a bound: it is accurate where the keys' residuals look like noise (the
 fitted SmolLM2 activations; see bench/RESULTS.md), and it is measured as decision agreement.

@@ -27,7 +27,7 @@ struct Args {
     const uint32_t* qpair;    // [B, rc / 2] the coarse query as bfloat16 pairs, or null (set inside)
     int64_t B, rt, rc, rf, L, K, k2;   // rt <= rc: the tail model (scan) or the screen (rescue)
     float beta, slack;
-    Isa isa;                  // avx512: the hand-vectorized blocks; otherwise the generic loops
+    Isa isa;                  // avx512 (and the split ISAs) or avx2: the blocks of blocks.h; scalar: the generic loops
 };
 
 struct ScanOut {
