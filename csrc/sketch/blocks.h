@@ -6,12 +6,41 @@
 //   gt (lanes a > b as the bits of a uint32_t, ordered: NaN is not greater), maskz (lanes whose bit
 //   is clear set to 0), sum (of the 16 lanes), widen (16 bfloat16 -> V), pairs (16 words of two
 //   bfloat16 -> the 16 first and the 16 second values) and PAIRS: whether scores_bf, the bfloat16
-//   dot products of many queries with a block of rows in pairs, exists (AVX512_BF16). Each
-//   instruction set also defines fine_dot (float . bfloat16 over n, the fine part of a bound).
+//   dot products of many queries with a block of rows in pairs, exists (AVX512_BF16). The two
+//   dot products of the passes (fine_dot, dot_f32) are written here against O too.
 
 #ifndef HOREN_SKETCH_BLOCKS
 #error "csrc/sketch/blocks.h is part of kernels.cpp's instruction-set regions"
 #endif
+
+// q . row over n: float32 q, bfloat16 row (the fine part of a bound; also a FineDot)
+float fine_dot(const float* q, const uint16_t* row, int64_t n) {
+    typename L16::V acc = L16::zero();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) acc = L16::fma(L16::load(q + j), L16::widen(row + j), acc);
+    float s = L16::sum(acc);
+    for (; j < n; ++j) s += q[j] * bf16(row[j]);
+    return s;
+}
+
+// a . b over d float32 (pair_dots), in four accumulators
+float dot_f32(const float* a, const float* b, int64_t d) {
+    using O = L16;
+    typename O::V s0 = O::zero(), s1 = O::zero(), s2 = O::zero(), s3 = O::zero();
+    int64_t j = 0;
+    for (; j + 64 <= d; j += 64) {
+        s0 = O::fma(O::load(a + j), O::load(b + j), s0);
+        s1 = O::fma(O::load(a + j + 16), O::load(b + j + 16), s1);
+        s2 = O::fma(O::load(a + j + 32), O::load(b + j + 32), s2);
+        s3 = O::fma(O::load(a + j + 48), O::load(b + j + 48), s3);
+    }
+    for (; j + 16 <= d; j += 16) s0 = O::fma(O::load(a + j), O::load(b + j), s0);
+    if (j < d) {
+        const int n = static_cast<int>(d - j);
+        s1 = O::fma(O::loadn(a + j, n), O::loadn(b + j, n), s1);
+    }
+    return O::sum(O::add(O::add(s0, s1), O::add(s2, s3)));
+}
 
 // widen n <= 16 coarse rows (VC * 16 bfloat16 each) to floats dst[16][VC * 16]
 template <class O, int VC> HOREN_INLINE void widen_block(const uint16_t* src, float* dst, int n) {

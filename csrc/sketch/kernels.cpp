@@ -233,19 +233,6 @@ inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-float fine_dot(const float* q, const uint16_t* row, int64_t n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), widen8(_mm256_castsi256_si128(h)), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 8), widen8(_mm256_extracti128_si256(h, 1)), a1);
-    }
-    float s = hsum8(_mm256_add_ps(a0, a1));
-    for (; j < n; ++j) s += q[j] * bf16(row[j]);
-    return s;
-}
-
 struct L16 {
     struct V { __m256 lo, hi; };
     static constexpr bool PAIRS = false;
@@ -287,20 +274,6 @@ struct L16 {
 #include "blocks.h"
 #undef HOREN_SKETCH_BLOCKS
 
-float dot_f32(const float* a, const float* b, int64_t d) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 32 <= d; j += 32) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 16), _mm256_loadu_ps(b + j + 16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 24), _mm256_loadu_ps(b + j + 24), s3);
-    }
-    for (; j + 8 <= d; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
-    float s = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; j < d; ++j) s += a[j] * b[j];
-    return s;
-}
 }  // namespace isa_avx2
 HOREN_TARGET_POP
 
@@ -318,19 +291,6 @@ void scores16_bf(const uint32_t* const* q, const uint32_t* ytp, __m512* acc) {
 
 HOREN_TARGET_PUSH_AVX512
 namespace isa_avx512 {
-float fine_dot(const float* q, const uint16_t* row, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
-        __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), y, acc);
-    }
-    float s = _mm512_reduce_add_ps(acc);
-    for (; j < n; ++j) s += q[j] * bf16(row[j]);
-    return s;
-}
-
 struct L16 {
     using V = __m512;
     static constexpr bool PAIRS = true;
@@ -367,20 +327,6 @@ struct L16 {
 #include "blocks.h"
 #undef HOREN_SKETCH_BLOCKS
 
-float dot_f32(const float* a, const float* b, int64_t d) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 64 <= d; j += 64) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(b + j + 16), s1);
-        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 32), _mm512_loadu_ps(b + j + 32), s2);
-        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 48), _mm512_loadu_ps(b + j + 48), s3);
-    }
-    for (; j + 16 <= d; j += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), s0);
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-    for (; j < d; ++j) s += a[j] * b[j];
-    return s;
-}
 }  // namespace isa_avx512
 HOREN_TARGET_POP
 #endif  // HOREN_HAVE_BLOCKS
