@@ -44,3 +44,28 @@ def test_a_slow_implementation_is_timed_fewer_times(monkeypatch):
             "torch": "-", "date": "-", "loadavg_1min": 0.0}
     table = benchmark.format_table(info, {"rate": 1e10, "bytes": 1 << 30}, rows)
     assert "timed fewer than 3 times" in table and "published at 300x64x2 float32: 1" in table
+
+
+def test_the_sketch_bench_times_every_isa():
+    """bench/bench_sketch.py: the three ops, torch and every C++ ISA here, one row each."""
+    pytest.importorskip("faiss")
+    from horen_fast import native
+    from bench import bench_sketch
+    rows = bench_sketch.run([3000], [1, 9], reps=1, tau=0.5)
+    isas = [i for i in native.supported_isas() if i in ("avx512", "avx2", "scalar")] if native.SKETCH_BUILT else []
+    assert len(rows) == 2 * 3 * (1 + len(isas))
+    assert {r["op"] for r in rows} == {"sketch_scan", "sketch_rescue", "pair_dots"}
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_the_fma_peak_is_measured():
+    import platform
+    import shutil
+    if platform.machine() not in ("x86_64", "AMD64") or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("bench/fma_peak.py measures x86-64 with a C compiler")
+    from pathlib import Path
+    p = subprocess.run([sys.executable, "-m", "bench.fma_peak", "--threads", "1"], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr
+    rate = float(p.stdout.split("G in all")[0].split(",")[-1])
+    assert rate > 0.1
