@@ -81,6 +81,25 @@ HOREN_INLINE void scores16_g(const float* const* q, const uint32_t* ytp, typenam
     for (int k = 0; k < G; ++k) acc[k] = a[k];
 }
 
+// st[G] = the 16 scores over columns [0, J1) of queries b0 .. b0 + G - 1 as bfloat16 dot products
+// (O::PAIRS, and the queries given as pairs: a.qpair); false, nothing done, where they do not run
+template <class O, int J1, int G>
+HOREN_INLINE bool scores_pairs(const Args& a, int64_t b0, const uint32_t* ytp, typename O::V* st) {
+    if constexpr (O::PAIRS) {
+        if (a.qpair == nullptr) return false;
+        const uint32_t* qp[G];
+        for (int k = 0; k < G; ++k) {
+            qp[k] = a.qpair + (b0 + k) * (a.rc / 2);
+            st[k] = O::zero();
+        }
+        O::template scores_bf<0, J1, G>(qp, ytp, st);
+        return true;
+    } else {
+        (void)a, (void)b0, (void)ytp, (void)st;
+        return false;
+    }
+}
+
 // a block's coarse rows widened to floats (yb) and, for many queries, its first ``cols`` columns
 // transposed as bfloat16 pairs (ytp), for the bfloat16 dot products or scores16_g
 template <class O, int VC> HOREN_INLINE void load_block(const Args& a, int64_t i0, int n, bool many, int cols,
@@ -106,19 +125,8 @@ template <class O, int VT, int VC, int G> HOREN_INLINE void scan_group(
     for (int k = 0; k < G; ++k) any |= m[k] = lanes(a, a.excl + (b0 + k) * a.K, ptr[b0 + k], i0, n, alive);
     if (!any) return;
     const bool near = a.k2 > 0;
-    bool done = false;
-    if constexpr (O::PAIRS) {
-        if (many && a.qpair && !near) {
-            const uint32_t* qs[G];
-            for (int k = 0; k < G; ++k) {
-                qs[k] = a.qpair + (b0 + k) * (RC / 2);
-                st[k] = O::zero();
-            }
-            O::template scores_bf<0, VT * 16, G>(qs, ytp, st);
-            done = true;
-        }
-    }
-    if (done) {
+    if (many && !near && scores_pairs<O, VT * 16, G>(a, b0, ytp, st)) {
+        // scored by the bfloat16 products
     } else if (many) {
         const float* qs[G];
         for (int k = 0; k < G; ++k) {
@@ -238,16 +246,8 @@ template <class O, int VT, int VC, int G> HOREN_INLINE void rescue_group(
         qs[k] = a.qc + (b0 + k) * RC;
         st[k] = O::zero();
     }
-    bool done = false;
-    if constexpr (O::PAIRS) {
-        if (many && a.qpair) {
-            const uint32_t* qp[G];
-            for (int k = 0; k < G; ++k) qp[k] = a.qpair + (b0 + k) * (RC / 2);
-            O::template scores_bf<0, VT * 16, G>(qp, ytp, st);
-            done = true;
-        }
-    }
-    if (done) {
+    if (many && scores_pairs<O, VT * 16, G>(a, b0, ytp, st)) {
+        // scored by the bfloat16 products
     } else if (many) {
         scores16_g<O, 0, VT * 16, G>(qs, ytp, st);
     } else {
