@@ -181,7 +181,8 @@ inline void transpose_pairs(const uint16_t* rows, int rc, uint32_t* dst, int n, 
     }
 }
 
-constexpr int64_t TRANSPOSE_FROM = 8;  // queries per pass from which the transposed block pays off
+constexpr int64_t TRANSPOSE_FROM = 8;
+constexpr int PREFETCH_BLOCKS = 4;  // blocks ahead that a pass prefetches its coarse rows (8 KiB at rc = 64)
 
 // lanes of the block [i0, i0 + n) alive and not excluded for this query (ptr advances)
 inline uint32_t lanes(const Args& a, const int64_t* ex, int64_t& p, int64_t i0, int n, uint32_t alive) {
@@ -257,6 +258,16 @@ struct L16 {
         return {_mm256_and_ps(v.lo, bit_lanes(m)), _mm256_and_ps(v.hi, bit_lanes(m >> 8))};
     }
     static HOREN_INLINE float sum(V v) { return hsum8(_mm256_add_ps(v.lo, v.hi)); }
+    using Q = __m256;  // 4 rows' sums in halves: [a b c d] of lanes 0-3, then of lanes 4-7 (+ 8-15)
+    static HOREN_INLINE Q sums4(V a, V b, V c, V d) {
+        const __m256 ab = _mm256_hadd_ps(_mm256_add_ps(a.lo, a.hi), _mm256_add_ps(b.lo, b.hi));
+        const __m256 cd = _mm256_hadd_ps(_mm256_add_ps(c.lo, c.hi), _mm256_add_ps(d.lo, d.hi));
+        return _mm256_hadd_ps(ab, cd);
+    }
+    static HOREN_INLINE __m256 sums8(Q g0, Q g1) {
+        return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+    }
+    static HOREN_INLINE V sums16(Q g0, Q g1, Q g2, Q g3) { return {sums8(g0, g1), sums8(g2, g3)}; }
     static HOREN_INLINE V widen(const uint16_t* p) {
         const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
         return {widen8(_mm256_castsi256_si128(h)), widen8(_mm256_extracti128_si256(h, 1))};
@@ -309,6 +320,16 @@ struct L16 {
     static HOREN_INLINE uint32_t gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
     static HOREN_INLINE V maskz(uint32_t m, V v) { return _mm512_maskz_mov_ps(static_cast<__mmask16>(m), v); }
     static HOREN_INLINE float sum(V v) { return _mm512_reduce_add_ps(v); }
+    using Q = __m512;  // 4 rows' sums in quarters: [a b c d] in each 128-bit lane
+    static HOREN_INLINE Q sums4(V a, V b, V c, V d) {
+        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));
+    }
+    static HOREN_INLINE __m512 halves(__m512 x, __m512 y) {  // 128-bit lanes 0 + 1, 2 + 3 of x, then of y
+        return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xdd));
+    }
+    static HOREN_INLINE V sums16(Q g0, Q g1, Q g2, Q g3) { return halves(halves(g0, g1), halves(g2, g3)); }
     static HOREN_INLINE V widen(const uint16_t* p) {
         const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
