@@ -986,8 +986,10 @@ template <> struct OpsOf<double> { using type = OpsD; };
 template <class O, class KT, int JB, int BB, bool NORM>
 static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t qs, int64_t d,
                        typename O::F* out, int64_t os, typename O::F* nrm) {
-    // each key row is read 2 KiB ahead by hand: the L2 streamer stops at every 4 KiB page, and a
-    // single query reads the keys at the memory's rate (1.08-1.1x faster on a Sapphire Rapids Xeon)
+    // each key row is fetched into L2 2 KiB ahead by hand: the L2 streamer stops at every 4 KiB
+    // page, and a single query reads the keys at the memory's rate (1.08-1.1x faster on a Sapphire
+    // Rapids Xeon). Into L2 (prefetcht1), not L1: the L1 prefetchers take it from there, and
+    // fetching 4 rows ahead into L1 slowed float32 keys 1.26x on a Zen 4 EPYC (bench/RESULTS.md)
     constexpr int64_t DOT_PF = 2048 / static_cast<int64_t>(sizeof(KT));
     constexpr int64_t DOT_LINE = 64 / static_cast<int64_t>(sizeof(KT));  // key elements per cache line
     using V = typename O::V;
@@ -1008,7 +1010,7 @@ static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t 
             for (int j = 0; j < JB; ++j) O::lk2(K + j * ks + c, lo[j], hi[j]);
             if (c % DOT_LINE < 2 * W)  // once per cache line
 #pragma GCC unroll 16
-                for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 3);
+                for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 2);
 #pragma GCC unroll 16
             for (int b = 0; b < BB; ++b) {
                 qlo[b] = O::load(Q + b * qs + c);
@@ -1028,7 +1030,7 @@ static void dot_kernel(const KT* K, int64_t ks, const typename O::F* Q, int64_t 
         for (int j = 0; j < JB; ++j) kv[j] = O::lk(K + j * ks + c);
         if (c % DOT_LINE < W)  // once per cache line
 #pragma GCC unroll 16
-            for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 3);
+            for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + c + DOT_PF, 0, 2);
 #pragma GCC unroll 16
         for (int b = 0; b < BB; ++b) qv[b] = O::load(Q + b * qs + c);
 #pragma GCC unroll 16
