@@ -67,3 +67,28 @@ def test_the_fma_peak_is_measured():
     assert p.returncode == 0, p.stderr
     rate = float(p.stdout.split("G in all")[0].split(",")[-1])
     assert rate > 0.1
+
+
+def test_the_sketch_ab_loads_each_build_it_is_given(tmp_path):
+    """bench/ab_sketch.py: every build runs in its own process as horen_fast._sketch (a copy of the
+    installed module under another folder here), one table row per op and batch; a folder with no
+    module is a one-line error."""
+    pytest.importorskip("faiss")
+    import shutil
+    from pathlib import Path
+    from horen_fast import native
+    if not native.SKETCH_BUILT:
+        pytest.skip("the sketch module is not built")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(native._sketch_ext.__file__, copy)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "bench.ab_sketch", native._sketch_ext.__file__, str(copy), "--n", "2000",
+           "--batches", "1", "9", "--rounds", "1", "--calls", "1", "--cache", str(tmp_path / "sk.pt")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert p.returncode == 0, p.stderr
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 9 |")]
+    assert len(rows) == 4 and all(float(r.split("|")[3]) > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "bench.ab_sketch", str(tmp_path), str(copy)], capture_output=True,
+                         text=True, timeout=120, cwd=root)
+    assert bad.returncode != 0 and "no _sketch*.so in" in bad.stderr
