@@ -128,12 +128,8 @@ template <int RC> HOREN_INLINE void prefetch_ahead(const Args& a, int64_t i0, in
     if (at >= hi) return;
     const char* p = reinterpret_cast<const char*>(a.rows_c + at * RC);
     const int n = static_cast<int>(std::min<int64_t>(16, hi - at));
-    if (cols == RC) {
-        for (int off = 0; off < n * RC * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
-    } else {
-        for (int l = 0; l < n; ++l)
-            for (int off = 0; off < cols * 2; off += 64) _mm_prefetch(p + l * RC * 2 + off, _MM_HINT_T1);
-    }
+    for (int l = 0; l < n; ++l)
+        for (int off = 0; off < cols * 2; off += 64) _mm_prefetch(p + l * RC * 2 + off, _MM_HINT_T1);
 }
 
 // y[k] (VT * 16 floats) += w[k][l] * row l's first VT * 16 values, for the rows l of a block (widened

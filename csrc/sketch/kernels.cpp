@@ -181,7 +181,7 @@ inline void transpose_pairs(const uint16_t* rows, int rc, uint32_t* dst, int n, 
     }
 }
 
-constexpr int64_t TRANSPOSE_FROM = 8;
+constexpr int64_t TRANSPOSE_FROM = 8;  // queries per pass from which the transposed block pays off
 constexpr int PREFETCH_BLOCKS = 4;  // blocks ahead that a pass prefetches its coarse rows (8 KiB at rc = 64)
 
 // lanes of the block [i0, i0 + n) alive and not excluded for this query (ptr advances)
