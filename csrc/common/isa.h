@@ -19,8 +19,10 @@
 
 #if defined(__GNUC__)
 #define HOREN_INLINE inline __attribute__((always_inline))
+#define HOREN_INLINE_LAMBDA __attribute__((always_inline))  // after a lambda's parameter list
 #else
 #define HOREN_INLINE inline
+#define HOREN_INLINE_LAMBDA
 #endif
 
 #if HOREN_X86

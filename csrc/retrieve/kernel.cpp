@@ -168,7 +168,8 @@ struct Ops {
 };
 using OpsF = Ops<float>;
 using OpsD = Ops<double>;
-constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 4, AXPY_CB = 1, BDOT_JB = 1, BAXPY_CB = 1;
+constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 4, AXPY_CB = 1;
+constexpr int BDOT_JB = 1, BDOT_JBN = 1, BDOT_RB = 8, BAXPY_CB = 1, BAXPY_RB = 8;
 #define HOREN_KERNEL_BODY 1
 #include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
 #undef HOREN_KERNEL_BODY
@@ -273,7 +274,8 @@ struct OpsD {
         return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
     }
 };
-constexpr int DOT_JB = 4, DOT_BB = 2, AXPY_J = 4, AXPY_CB = 2, BDOT_JB = 1, BAXPY_CB = 1;
+constexpr int DOT_JB = 4, DOT_BB = 2, AXPY_J = 4, AXPY_CB = 2;
+constexpr int BDOT_JB = 3, BDOT_JBN = 2, BDOT_RB = 4, BAXPY_CB = 3, BAXPY_RB = 4;
 #define HOREN_KERNEL_BODY 1
 #include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
 #undef HOREN_KERNEL_BODY
@@ -357,7 +359,8 @@ struct OpsD {
     static HOREN_INLINE void storet(F* p, V v, int n) { _mm512_mask_storeu_pd(p, m(n), v); }
     static HOREN_INLINE F hsum(V v) { return _mm512_reduce_add_pd(v); }
 };
-constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 8, AXPY_CB = 2, BDOT_JB = 2, BAXPY_CB = 2;
+constexpr int DOT_JB = 4, DOT_BB = 4, AXPY_J = 8, AXPY_CB = 2;
+constexpr int BDOT_JB = 2, BDOT_JBN = 2, BDOT_RB = 8, BAXPY_CB = 2, BAXPY_RB = 8;
 #define HOREN_KERNEL_BODY 1
 #include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
 #undef HOREN_KERNEL_BODY
