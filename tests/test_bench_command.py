@@ -92,3 +92,26 @@ def test_the_sketch_ab_loads_each_build_it_is_given(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bench.ab_sketch", str(tmp_path), str(copy)], capture_output=True,
                          text=True, timeout=120, cwd=root)
     assert bad.returncode != 0 and "no _sketch*.so in" in bad.stderr
+
+
+def test_the_batched_loops_are_timed_from_a_checkout(tmp_path):
+    """bench/loop_rate.py compiles csrc/retrieve/kernel.cpp of the checkout it is given and prints
+    one row of multiply-add rates per case; a folder without the kernel, or an ISA this CPU lacks, is
+    a one-line error."""
+    import shutil
+    from pathlib import Path
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("bench/loop_rate.py needs a C++ compiler")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "bench.loop_rate", "--cases", "9x40,8x1029", "--isa", "scalar", "--reps", "2",
+           "--stream-keys", "90"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert p.returncode == 0, p.stderr
+    rows = [line.split("|")[1:-1] for line in p.stdout.splitlines() if line.startswith(("| 9 |", "| 8 |"))]
+    assert len(rows) == 2 and all(float(v) > 0 for r in rows for v in r[2:])
+    bad = subprocess.run([sys.executable, "-m", "bench.loop_rate", "--source", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, cwd=root)
+    assert bad.returncode == 2 and "must be a horen-fast checkout" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "bench.loop_rate", "--cases", "8"], capture_output=True, text=True,
+                         timeout=120, cwd=root)
+    assert bad.returncode == 2 and "--cases must be NJxD" in bad.stderr

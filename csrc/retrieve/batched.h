@@ -95,6 +95,10 @@ static void bdot_group(const KT* K, int64_t ks, int nj, const typename O::F* Qp,
     for (; j + JB <= nj; j += JB)
         bdot_chunk<O, KT, JB, BDOT_RB, NORM>(K + j * ks, ks, Qp, cv0, cv1, d, part + j * BR * W,
                                              NORM ? npart + j * W : nullptr, ahead(j, JB));
+    if constexpr (JB > 2)  // the rest in pairs, then one: a single key loads a query vector per FMA
+        for (; j + 2 <= nj; j += 2)
+            bdot_chunk<O, KT, 2, BDOT_RB, NORM>(K + j * ks, ks, Qp, cv0, cv1, d, part + j * BR * W,
+                                                NORM ? npart + j * W : nullptr, ahead(j, 2));
     for (; j < nj; ++j)
         bdot_chunk<O, KT, 1, BDOT_RB, NORM>(K + j * ks, ks, Qp, cv0, cv1, d, part + j * BR * W,
                                             NORM ? npart + j * W : nullptr, ahead(j, 1));
