@@ -3,9 +3,11 @@
 // by kernel.cpp's body inside each instruction set's namespace (no include guard on purpose).
 //
 // Why: with many queries the pass does 2 B N d multiply-adds over one read of the keys, so it is
-// limited by the multiply-adds and by how often each operand is loaded, not by memory. Here each
-// loaded key vector serves BR = 8 queries (and, in the scores, each query vector BDOT_JB keys),
-// with every accumulator in a register. The queries and the weighted sums are packed per block of
+// limited by the multiply-adds and by how often each operand is loaded, not by memory. Here the
+// accumulators of a register block stay in registers: in the scores BDOT_JB keys x BDOT_RB query
+// rows (each loaded key vector serves BDOT_RB rows, each query vector BDOT_JB keys), in the sums
+// BAXPY_CB vectors x BAXPY_RB rows (AVX2: 3 x 4, 7 loads per 12 FMAs; bench/loop_rate.py times
+// them, bench/RESULTS.md). The queries and the weighted sums are packed per block of
 // BR rows, vector-major ([d / W][BR][W]: one block's chunk is contiguous, so it stays in L1
 // whatever d is; rows d apart would all fall into the same cache sets), zero-padded to whole
 // vectors and whole blocks. The scores run over d in chunks of bchunk() vectors (the block's query

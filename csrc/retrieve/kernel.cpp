@@ -15,8 +15,8 @@
 //     score. Ties follow the one tie rule of horen_fast/hopfield.py (the lowest index).
 //
 // Passes of BATCH_MIN (8) or more query rows (prefill, evaluation) run the batched loops of
-// csrc/retrieve/batched.h instead: float32 (or float64) FMAs with each loaded key vector serving 8
-// queries from registers, queries and sums packed so that a chunk of them stays in L1. Their scores
+// csrc/retrieve/batched.h instead: float32 (or float64) FMAs in register blocks of keys x query
+// rows (or vectors x rows), queries and sums packed so that a chunk of them stays in L1. Their scores
 // can also run on hi/lo bfloat16 splits, as AVX512_BF16 dot products (Isa::avx512bf16,
 // csrc/retrieve/bf16_split.h) or AMX-BF16 tile products (Isa::amx, csrc/retrieve/amx_scores.h,
 // which for bfloat16 keys also takes the weighted sums); measure_split_speedup() times each against
@@ -275,6 +275,8 @@ struct OpsD {
     }
 };
 constexpr int DOT_JB = 4, DOT_BB = 2, AXPY_J = 4, AXPY_CB = 2;
+// 16 ymm registers: scores 3 keys x 4 rows = 12 accumulators + 3 key vectors + 1 query (with the
+// norms, 2 x 4 + 2 + 2 + 1), sums 3 x 4 + 3 + 1
 constexpr int BDOT_JB = 3, BDOT_JBN = 2, BDOT_RB = 4, BAXPY_CB = 3, BAXPY_RB = 4;
 #define HOREN_KERNEL_BODY 1
 #include "kernel.cpp"  // this file again, HOREN_KERNEL_BODY set
