@@ -169,6 +169,27 @@ def test_batched_loops_agree_with_single_row_loops(isa, dtype):
         native.set_tuning()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_query_scan_in_groups(isa, dtype):
+    """One query scans the keys in groups of 4 keys (2 when 4 do not fit in a tile), scoring
+    each group in the sweep that adds the group before to the sums: N around the groups and the
+    two threads' parts, widths with vector and pair tails, default and tiny tiles (groups of 2)."""
+    before = torch.get_num_threads()
+    try:
+        for tiny in (False, True):
+            if tiny:
+                native.set_tuning(tile_bytes=1, work_per_thread=1)
+                torch.set_num_threads(2)
+            for n, d in [(1, 5), (3, 40), (4, 17), (7, 64), (9, 33), (13, 1029), (18, 48), (41, 65)]:
+                keys, queries = case(n * 13 + d, n, d, 2, dtype)
+                for b in range(2):
+                    check(keys, queries[b:b + 1], f"{isa} {dtype} n={n} d={d} row={b} tiny={tiny}",
+                          threshold=0.5)
+    finally:
+        torch.set_num_threads(before)
+        native.set_tuning()
+
+
 def test_thread_count_does_not_change_the_result():
     # large enough (2 N d B multiply-adds > 64M) for the kernel to split the keys across threads
     g = torch.Generator().manual_seed(41)

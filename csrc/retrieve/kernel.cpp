@@ -65,6 +65,13 @@ struct KernelSet {
     // (and, on the way, prefetches the next tile of pfn keys at pf into the cache)
     void (*axpy)(const KT* K, int64_t ks, int nj, const F* Wt, int64_t ws, int nb, int64_t d, F* acc,
                  int64_t as, const KT* pf, int pfn);
+    // One query's scan (passes of one row), a group of g = 2 or 4 keys at a time: out[j] = q . K[j]
+    // (and nrm[j] = ||K[j]||^2 unless nrm is null) for the group at K while, in the same sweep over
+    // d, acc += sum_j w[j] P[j] for the group before at P (still in cache) unless P is null, and
+    // the rows of the next group at Kn (unless null) are prefetched as the group's rows end. The
+    // keys then stream from memory all the time, instead of waiting while a tile's sums run.
+    void (*dot_axpy)(int g, const KT* K, int64_t ks, const F* q, int64_t d, F* out, F* nrm, const KT* P,
+                     const F* w, F* acc, const KT* Kn);
     // w[j] = exp(beta * s[j] - m)
     void (*weights)(const F* s, int n, F beta, F m, F* w);
     // x[i] *= c
@@ -476,6 +483,11 @@ public:
         int64_t bt = 2 * machine().tile_bytes / key_bytes;
         bt = std::max<int64_t>(8, std::min<int64_t>(512, bt));
         btile_ = static_cast<int>(bt - bt % 8);
+        // one query's scan (scan_one) holds two groups of keys in L2, the one it sums and the one
+        // it scores: 4 keys each where 4 fit in a tile (a quarter of the L2), else 2 (on a Zen 3
+        // EPYC, 512 KiB L2: 2 float32 keys of 14336 ran 1.07-1.16x faster than 4, 4 of 1536
+        // 1.1-1.3x faster than 2)
+        scan_ = 4 * key_bytes <= machine().tile_bytes ? 4 : 2;
     }
 
     void run() {
@@ -520,6 +532,7 @@ private:
     Isa isa_;
     int tile_;
     int btile_;               // keys per tile of the batched loops
+    int scan_;                // keys per group of scan_one
     std::vector<F> q_;        // current unit queries [B, d]
     std::vector<F> S_;        // cosines of the current pass [Ba, N]
     std::vector<F> acc_;      // combined weighted key sums [Ba, d]
@@ -625,9 +638,6 @@ private:
         // contiguous key ranges per part, multiples of 4 keys
         int64_t chunk = (N + np - 1) / np;
         chunk = (chunk + 3) / 4 * 4;
-        const F beta = static_cast<F>(p_.beta);
-        // w = exp(beta s - m) with m at most MARGIN below the row's max: no overflow, fewer rescales
-        const F margin = F(8);
         JoinClock clock(nt, np);
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
         for (int tid = 0; tid < np; ++tid) {
@@ -636,23 +646,18 @@ private:
             F* m = softmax ? &mT_[static_cast<size_t>(tid) * Ba] : nullptr;
             F* w = softmax ? &wT_[static_cast<size_t>(tid) * Ba * T] : nullptr;
             if (softmax) std::fill(accT, accT + Ba * d, F(0));
+            if (softmax && Ba == 1) {
+                scan_one(n0, n1, Qa, want_norms, m[0], accT, w);
+                clock.part_done();
+                continue;
+            }
             for (int64_t j0 = n0; j0 < n1; j0 += T) {
                 const int nj = static_cast<int>(std::min<int64_t>(T, n1 - j0));
                 const KT* kp = key(j0);
                 ks_.dot(kp, p_.ks, nj, Qa, d, static_cast<int>(Ba), d, &S_[j0], N,
                         want_norms ? &norms_[j0] : nullptr);
                 if (!softmax) continue;
-                for (int64_t a = 0; a < Ba; ++a) {
-                    const F* s = &S_[a * N + j0];
-                    F tmax = -std::numeric_limits<F>::infinity();
-                    for (int j = 0; j < nj; ++j) tmax = std::max(tmax, beta * s[j]);
-                    if (tmax > m[a] + margin || (m[a] == -std::numeric_limits<F>::infinity() && tmax > m[a])) {
-                        if (m[a] != -std::numeric_limits<F>::infinity())
-                            ks_.scale(accT + a * d, d, static_cast<F>(std::exp(m[a] - tmax)));
-                        m[a] = tmax;
-                    }
-                    ks_.weights(s, nj, beta, m[a], w + a * T);
-                }
+                for (int64_t a = 0; a < Ba; ++a) fold(&S_[a * N + j0], nj, m[a], accT + a * d, w + a * T);
                 const int64_t pfn = std::min<int64_t>(T, n1 - (j0 + T));
                 ks_.axpy(kp, p_.ks, nj, w, T, static_cast<int>(Ba), d, accT, d,
                          pfn > 0 ? key(j0 + T) : nullptr, static_cast<int>(std::max<int64_t>(0, pfn)));
@@ -674,6 +679,42 @@ private:
                 const F* src = &accT_[(static_cast<size_t>(u) * Ba + a) * d];
                 for (int64_t c = 0; c < d; ++c) dst[c] += f * src[c];
             }
+        }
+    }
+
+    // One row's running max m of beta s after the nj cosines at s (its sums acc rescaled when m
+    // grows), and their weights exp(beta s - m) into w. m stays at most MARGIN below the row's
+    // max: no overflow, few rescales.
+    void fold(const F* s, int nj, F& m, F* acc, F* w) const {
+        const F beta = static_cast<F>(p_.beta), margin = F(8), ninf = -std::numeric_limits<F>::infinity();
+        F tmax = ninf;
+        for (int j = 0; j < nj; ++j) tmax = std::max(tmax, beta * s[j]);
+        if (tmax > m + margin || (m == ninf && tmax > m)) {
+            if (m != ninf) ks_.scale(acc, p_.d, static_cast<F>(std::exp(m - tmax)));
+            m = tmax;
+        }
+        ks_.weights(s, nj, beta, m, w);
+    }
+
+    // pass() over the keys [n0, n1) for one row q with softmax, in groups of scan_group keys, each
+    // scored in the sweep that adds the group before to the sums (KernelSet::dot_axpy)
+    void scan_one(int64_t n0, int64_t n1, const F* q, bool want_norms, F& m, F* acc, F* w) {
+        const int64_t d = p_.d;
+        const int G = scan_;
+        const KT* prev = nullptr;
+        int64_t j = n0;
+        for (; j + G <= n1; j += G) {
+            ks_.dot_axpy(G, key(j), p_.ks, q, d, &S_[j], want_norms ? &norms_[j] : nullptr, prev, w, acc,
+                         j + 2 * G <= n1 ? key(j + G) : nullptr);
+            fold(&S_[j], G, m, acc, w);
+            prev = key(j);
+        }
+        if (prev != nullptr) ks_.axpy(prev, p_.ks, G, w, G, 1, d, acc, d, nullptr, 0);
+        if (j < n1) {
+            const int nj = static_cast<int>(n1 - j);
+            ks_.dot(key(j), p_.ks, nj, q, d, 1, d, &S_[j], p_.N, want_norms ? &norms_[j] : nullptr);
+            fold(&S_[j], nj, m, acc, w);
+            ks_.axpy(key(j), p_.ks, nj, w, nj, 1, d, acc, d, nullptr, 0);
         }
     }
 
@@ -723,7 +764,7 @@ private:
         int64_t chunk = (N + np - 1) / np;
         chunk = (chunk + 3) / 4 * 4;
         const F beta = static_cast<F>(p_.beta);
-        const F margin = F(8);  // as in pass()
+        const F margin = F(8);  // as in fold()
         const F ninf = -std::numeric_limits<F>::infinity();
         JoinClock clock(nt, np);
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
@@ -1188,6 +1229,123 @@ static void axpy_block(const KT* K, int64_t ks, int nj, const F* Wt, int64_t ws,
                               std::max(0, std::min(1, pfn - j)));
 }
 
+// Prefetch (into L2) element e of the JB key rows at K, or, past their end d, element e - d of the
+// rows at Kn (the next group, unless null), so that each row's stream runs on into the next group
+template <int JB, class KT>
+static HOREN_INLINE void prefetch_ahead(const KT* K, const KT* Kn, int64_t ks, int64_t e, int64_t d) {
+    if (e >= d) {
+        if (Kn == nullptr) return;
+        K = Kn;
+        e -= d;
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < JB; ++j) __builtin_prefetch(K + j * ks + e, 0, 2);
+}
+
+// KernelSet::dot_axpy for JB keys: the scores as dot_kernel<JB, 1, NORM> computes them (the same
+// operations in the same order), and with SUMS the sums as axpy_kernel<JB> adds them
+template <class O, class KT, int JB, bool NORM, bool SUMS>
+static void dot_axpy_kernel(const KT* K, int64_t ks, const typename O::F* q, int64_t d, typename O::F* out,
+                            typename O::F* nrm, const KT* P, const typename O::F* w, typename O::F* acc,
+                            const KT* Kn) {
+    // each row 1 KiB ahead (2 KiB, as in dot_kernel, was up to 1.15x slower on a Zen 3 EPYC at
+    // d = 1536, where rows end every 6 KiB; 512 B was no faster; bench/RESULTS.md 2026-12-03)
+    constexpr int64_t DOT_PF = 1024 / static_cast<int64_t>(sizeof(KT));
+    constexpr int64_t DOT_LINE = 64 / static_cast<int64_t>(sizeof(KT));
+    using V = typename O::V;
+    constexpr int W = O::W;
+    V sacc[JB], nacc[JB], wv[JB];
+#pragma GCC unroll 16
+    for (int j = 0; j < JB; ++j) {
+        sacc[j] = O::zero();
+        nacc[j] = O::zero();
+        if (SUMS) wv[j] = O::set1(w[j]);
+    }
+    int64_t c = 0;
+    if constexpr (std::is_same<KT, bf16_t>::value) {  // pairs layout, see paired_block
+        for (; c + 2 * W <= d; c += 2 * W) {
+            const V qlo = O::load(q + c), qhi = O::load(q + c + W);
+            if (c % DOT_LINE < 2 * W) prefetch_ahead<JB>(K, Kn, ks, c + DOT_PF, d);
+#pragma GCC unroll 16
+            for (int j = 0; j < JB; ++j) {
+                V lo, hi;
+                O::lk2(K + j * ks + c, lo, hi);
+                sacc[j] = O::fma(hi, qhi, O::fma(lo, qlo, sacc[j]));
+                if (NORM) nacc[j] = O::fma(hi, hi, O::fma(lo, lo, nacc[j]));
+            }
+            if (SUMS) {
+                V a0 = O::load(acc + c), a1 = O::load(acc + c + W);
+#pragma GCC unroll 16
+                for (int j = 0; j < JB; ++j) {
+                    V lo, hi;
+                    O::lk2(P + j * ks + c, lo, hi);
+                    a0 = O::fma(wv[j], lo, a0);
+                    a1 = O::fma(wv[j], hi, a1);
+                }
+                O::store(acc + c, a0);
+                O::store(acc + c + W, a1);
+            }
+        }
+    }
+    for (; c + W <= d; c += W) {
+        const V qv = O::load(q + c);
+        if (c % DOT_LINE < W) prefetch_ahead<JB>(K, Kn, ks, c + DOT_PF, d);
+#pragma GCC unroll 16
+        for (int j = 0; j < JB; ++j) {
+            const V kv = O::lk(K + j * ks + c);
+            sacc[j] = O::fma(kv, qv, sacc[j]);
+            if (NORM) nacc[j] = O::fma(kv, kv, nacc[j]);
+        }
+        if (SUMS) {
+            V av = O::load(acc + c);
+#pragma GCC unroll 16
+            for (int j = 0; j < JB; ++j) av = O::fma(wv[j], O::lk(P + j * ks + c), av);
+            O::store(acc + c, av);
+        }
+    }
+    if (c < d) {
+        const int n = static_cast<int>(d - c);
+        const V qv = O::loadt(q + c, n);
+#pragma GCC unroll 16
+        for (int j = 0; j < JB; ++j) {
+            const V kv = O::lkt(K + j * ks + c, n);
+            sacc[j] = O::fma(kv, qv, sacc[j]);
+            if (NORM) nacc[j] = O::fma(kv, kv, nacc[j]);
+        }
+        if (SUMS) {
+            V av = O::loadt(acc + c, n);
+#pragma GCC unroll 16
+            for (int j = 0; j < JB; ++j) av = O::fma(wv[j], O::lkt(P + j * ks + c, n), av);
+            O::storet(acc + c, av, n);
+        }
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < JB; ++j) {
+        out[j] = O::hsum(sacc[j]);
+        if (NORM) nrm[j] = O::hsum(nacc[j]);
+    }
+}
+
+template <class F, class KT, int JB>
+static void dot_axpy_of(const KT* K, int64_t ks, const F* q, int64_t d, F* out, F* nrm, const KT* P,
+                        const F* w, F* acc, const KT* Kn) {
+    using O = typename OpsOf<F>::type;
+    if (nrm != nullptr) {
+        if (P != nullptr) dot_axpy_kernel<O, KT, JB, true, true>(K, ks, q, d, out, nrm, P, w, acc, Kn);
+        else dot_axpy_kernel<O, KT, JB, true, false>(K, ks, q, d, out, nrm, P, w, acc, Kn);
+    } else {
+        if (P != nullptr) dot_axpy_kernel<O, KT, JB, false, true>(K, ks, q, d, out, nrm, P, w, acc, Kn);
+        else dot_axpy_kernel<O, KT, JB, false, false>(K, ks, q, d, out, nrm, P, w, acc, Kn);
+    }
+}
+
+template <class F, class KT>
+static void dot_axpy_group(int g, const KT* K, int64_t ks, const F* q, int64_t d, F* out, F* nrm, const KT* P,
+                           const F* w, F* acc, const KT* Kn) {
+    if (g == 4) dot_axpy_of<F, KT, 4>(K, ks, q, d, out, nrm, P, w, acc, Kn);
+    else dot_axpy_of<F, KT, 2>(K, ks, q, d, out, nrm, P, w, acc, Kn);
+}
+
 template <class F>
 static void weights_tile(const F* s, int n, F beta, F m, F* w) {
     using O = typename OpsOf<F>::type;
@@ -1215,6 +1373,7 @@ KernelSet<F, KT> make_kernels() {
     KernelSet<F, KT> k;
     k.dot = &dot_block<F, KT>;
     k.axpy = &axpy_block<F, KT>;
+    k.dot_axpy = &dot_axpy_group<F, KT>;
     k.weights = &weights_tile<F>;
     k.scale = &scale_vec<F>;
     k.paired_block = std::is_same<KT, bf16_t>::value ? 2 * OpsOf<F>::type::W : 0;
