@@ -51,11 +51,12 @@ inline void note_join(int64_t start, int64_t first_done, int64_t end) {
     }
 }
 
-// Times a parallel loop over parts for note_join, when each thread runs one part.
+// Times a parallel region for note_join: each of its threads calls thread_done() once, when it has
+// finished its share (the last part it took).
 class JoinClock {
 public:
-    JoinClock(int threads, int parts) : on_(threads > 1 && threads == parts), start_(on_ ? now_ns() : 0) {}
-    void part_done() {
+    explicit JoinClock(int threads) : on_(threads > 1), start_(on_ ? now_ns() : 0) {}
+    void thread_done() {
         if (!on_) return;
         const int64_t t = now_ns();
         int64_t cur = first_.load(std::memory_order_relaxed);

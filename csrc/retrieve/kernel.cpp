@@ -550,6 +550,19 @@ private:
     // for, the CPUs and N, so that results do not depend on how many threads run them
     int parts() const { return parts_for(p_.nthreads, p_.N / 4); }
 
+    // the parts of a pass of Ba < BATCH_MIN rows: 4 per part of parts() (at least 64 keys each,
+    // their per-part sums at most 2^22 elements), taken by the threads as they come free, so that
+    // a thread slowed by another process holds up one part, not half of the keys (on a 2-core Zen
+    // 3 KVM guest 1.0-1.09x faster at N = 50K, 1.0-1.46x at N = 1K, than one part per thread);
+    // like parts(), fixed by the threads asked for, the CPUs and N
+    int small_parts(int64_t Ba) const {
+        const int64_t t = parts();
+        if (t == 1) return 1;
+        const int64_t by_keys = std::max<int64_t>(1, p_.N / 64);
+        const int64_t by_memory = (int64_t(1) << 22) / std::max<int64_t>(1, Ba * p_.d);
+        return static_cast<int>(std::max<int64_t>(t, std::min({4 * t, by_keys, by_memory})));
+    }
+
     int threads_for(int64_t rows) const {
         // a thread only for enough multiply-adds (csrc/common/threads.h), at most one per part
         const int64_t work = 2 * p_.N * p_.d * std::max<int64_t>(1, rows);
@@ -623,7 +636,7 @@ private:
     // matter since r = normalize(acc)).
     void pass(const F* Qa, int64_t Ba, bool softmax, bool want_norms) {
         const int64_t N = p_.N, d = p_.d;
-        const int np = parts();
+        const int np = small_parts(Ba);
         const int nt = threads_for(Ba);
         const int T = tile_;
         S_.resize(Ba * N);
@@ -638,8 +651,10 @@ private:
         // contiguous key ranges per part, multiples of 4 keys
         int64_t chunk = (N + np - 1) / np;
         chunk = (chunk + 3) / 4 * 4;
-        JoinClock clock(nt, np);
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
+        JoinClock clock(nt);
+#pragma omp parallel num_threads(nt)
+        {
+#pragma omp for schedule(dynamic, 1) nowait
         for (int tid = 0; tid < np; ++tid) {
             const int64_t n0 = std::min<int64_t>(N, tid * chunk), n1 = std::min<int64_t>(N, n0 + chunk);
             F* accT = softmax ? &accT_[static_cast<size_t>(tid) * Ba * d] : nullptr;
@@ -648,7 +663,6 @@ private:
             if (softmax) std::fill(accT, accT + Ba * d, F(0));
             if (softmax && Ba == 1) {
                 scan_one(n0, n1, Qa, want_norms, m[0], accT, w);
-                clock.part_done();
                 continue;
             }
             for (int64_t j0 = n0; j0 < n1; j0 += T) {
@@ -662,12 +676,13 @@ private:
                 ks_.axpy(kp, p_.ks, nj, w, T, static_cast<int>(Ba), d, accT, d,
                          pfn > 0 ? key(j0 + T) : nullptr, static_cast<int>(std::max<int64_t>(0, pfn)));
             }
-            clock.part_done();
+        }
+        clock.thread_done();
         }
         clock.joined();
         if (!softmax) return;
-        // Combine the per-thread sums after the join (one synchronization per pass; the sums are
-        // small next to the keys). Fixed thread order: the result depends only on the thread count.
+        // Combine the per-part sums after the join (one synchronization per pass; the sums are
+        // small next to the keys). Fixed part order: the result depends only on the parts.
         for (int64_t a = 0; a < Ba; ++a) {
             F M = -std::numeric_limits<F>::infinity();
             for (int u = 0; u < np; ++u) M = std::max(M, mT_[static_cast<size_t>(u) * Ba + a]);
@@ -766,8 +781,10 @@ private:
         const F beta = static_cast<F>(p_.beta);
         const F margin = F(8);  // as in fold()
         const F ninf = -std::numeric_limits<F>::infinity();
-        JoinClock clock(nt, np);
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
+        JoinClock clock(nt);
+#pragma omp parallel num_threads(nt)
+        {
+#pragma omp for schedule(static, 1) nowait
         for (int tid = 0; tid < np; ++tid) {
             const int64_t n0 = std::min<int64_t>(N, tid * chunk), n1 = std::min<int64_t>(N, n0 + chunk);
             F* accT = softmax ? &accT_[static_cast<size_t>(tid) * blocks * bsize] : nullptr;
@@ -816,7 +833,8 @@ private:
                                                              static_cast<uintptr_t>(nj * p_.ks) * sizeof(KT));
                 batched_sums(ks_, kp, p_.ks, nj, w, T, blocks, d, accT, bsize, next, nj);
             }
-            clock.part_done();
+        }
+        clock.thread_done();
         }
         clock.joined();
         if (!softmax) return;
