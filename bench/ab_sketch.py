@@ -32,13 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = "horen_fast._sketch"
 
 
-def _module_file(build: str) -> str:
+def module_file(build: str, stem: str = "_sketch", tool: str = "ab_sketch") -> str:
+    """The extension file ``stem*.so`` of BUILD: the file itself, or the one in the folder or in
+    its horen_fast/ subfolder (where ``python setup.py build_ext -b DIR`` puts it)."""
     path = Path(build)
     if path.is_file():
         return str(path)
-    found = sorted(glob.glob(str(path / "_sketch*.so")) + glob.glob(str(path / "horen_fast" / "_sketch*.so")))
+    found = sorted(glob.glob(str(path / f"{stem}*.so")) + glob.glob(str(path / "horen_fast" / f"{stem}*.so")))
     if not found:
-        raise SystemExit(f"ab_sketch: no _sketch*.so in {build}; give the module file or the folder of a build")
+        raise SystemExit(f"{tool}: no {stem}*.so in {build}; give the module file or the folder of a build")
     return found[0]
 
 
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
         return 0
     if len(a.builds) < 2:
         p.error("give at least two builds")
-    files = [_module_file(b) for b in a.builds]
+    files = [module_file(b) for b in a.builds]
     cache = a.cache or os.path.join(tempfile.gettempdir(), f"horen_ab_sketch_{a.n}_{'_'.join(map(str, a.batches))}.pt")
     if not os.path.exists(cache):
         _save(a.n, a.batches, cache)

@@ -5,7 +5,11 @@
 //   * each damped Hopfield step reads the keys ONCE for all active queries: tiles of keys sized to
 //     stay in L2 (csrc/common/machine.h) are scored (q . k), folded into per-query online-softmax
 //     statistics (running max and the running weighted key sum, rescaled when the max grows),
-//     split over N across OpenMP threads and combined at the end (flash-decoding style);
+//     split over N across OpenMP threads and combined at the end (flash-decoding style); a pass of
+//     fewer than BATCH_MIN rows cuts the keys into 4 parts per thread, taken as threads come free;
+//   * a pass of one query (decode) streams the keys in groups of 2-4 instead of tiles: each group is
+//     scored in the same sweep that adds the group before to the sums (KernelSet::dot_axpy), so that
+//     memory keeps streaming while the sums run;
 //   * the stop rule ||r - q|| < eps is checked per row; a stopped row keeps q and its cosines of
 //     that pass are its final cosines;
 //   * the final scores of rows that took every step are NOT recomputed with a second full pass:
