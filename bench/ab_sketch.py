@@ -45,16 +45,16 @@ def module_file(build: str, stem: str = "_sketch", tool: str = "ab_sketch") -> s
 
 
 class _Variant(importlib.abc.MetaPathFinder):
-    """Resolves horen_fast._sketch to the given file."""
+    """Resolves the extension module ``module`` (horen_fast._sketch unless told) to the given file."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, module: str = MODULE):
+        self.path, self.module = path, module
 
     def find_spec(self, name, path=None, target=None):
-        if name != MODULE:
+        if name != self.module:
             return None
-        loader = importlib.machinery.ExtensionFileLoader(MODULE, self.path)
-        return importlib.util.spec_from_file_location(MODULE, self.path, loader=loader)
+        loader = importlib.machinery.ExtensionFileLoader(self.module, self.path)
+        return importlib.util.spec_from_file_location(self.module, self.path, loader=loader)
 
 
 def _child(so: str, cache: str, calls: int, batches: list[int]) -> None:

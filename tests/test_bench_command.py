@@ -95,28 +95,37 @@ def test_the_sketch_ab_loads_each_build_it_is_given(tmp_path):
 
 
 def test_retrieval_builds_are_called_in_alternation(tmp_path):
-    """bench/ab_retrieve.py loads every build of horen_fast._C it is given into one process (here a
-    copy of the installed module) and prints one row per case with the same decisions; a folder
-    with no module and a malformed case are one-line errors."""
+    """bench/ab_retrieve.py runs each build of horen_fast._C it is given in a worker process of its
+    own, which really loads that file (two copies of the installed module at two paths: each row of
+    the header names its own copy; one process would give back the first module for both), and
+    prints one row per case with the same decisions; a folder with no module, a malformed case and
+    --burst 0 are one-line errors."""
     import shutil
     from pathlib import Path
     from horen_fast import native
     if native._retrieve_ext is None:
         pytest.skip("the retrieval module is not built")
-    copy = tmp_path / "copy" / "horen_fast"
-    copy.mkdir(parents=True)
-    shutil.copy(native._retrieve_ext.__file__, copy)
+    copies = []
+    for name in ("first", "second"):
+        folder = tmp_path / name / "horen_fast"
+        folder.mkdir(parents=True)
+        shutil.copy(native._retrieve_ext.__file__, folder)
+        copies.append(folder.parent)
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "bench.ab_retrieve", native._retrieve_ext.__file__, str(copy.parent),
-           "--cases", "300x64x1,200x48x9:bfloat16", "--calls", "2"]
+    cmd = [sys.executable, "-m", "bench.ab_retrieve", *map(str, copies), "--cases", "300x64x1,200x48x9:bfloat16",
+           "--calls", "3", "--burst", "2", "--gap", "1"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
     assert p.returncode == 0, p.stderr
+    for letter, folder in zip("AB", copies):
+        loaded = next(line for line in p.stdout.splitlines() if line.startswith(f"  {letter}: "))
+        assert loaded.endswith(f"({next(folder.glob('horen_fast/_C*.so'))})"), loaded
     rows = [line.split("|") for line in p.stdout.splitlines() if line.startswith("| 300x64x1 ") or
             line.startswith("| 200x48x9 ")]
     assert len(rows) == 2
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[-2].strip() == "yes" for r in rows)
-    for args, message in (([str(tmp_path), str(copy)], "no _C*.so in"),
-                          ([str(copy), str(copy), "--cases", "300x64"], "bad case '300x64'")):
+    for args, message in (([str(tmp_path), str(copies[0])], "no _C*.so in"),
+                          ([str(copies[0]), str(copies[1]), "--cases", "300x64"], "bad case '300x64'"),
+                          ([str(copies[0]), str(copies[1]), "--burst", "0"], "--burst must be >= 1")):
         bad = subprocess.run([sys.executable, "-m", "bench.ab_retrieve", *args], capture_output=True,
                              text=True, timeout=120, cwd=root)
         assert bad.returncode != 0 and message in bad.stderr, bad.stderr
