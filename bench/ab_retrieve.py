@@ -42,8 +42,8 @@ MODULE = "horen_fast._C"
 
 def _worker(so: str) -> None:
     """One build: load ``so`` as horen_fast._C, then serve the parent's requests, a JSON line each
-    on stdin ("case": map the keys and queries; "call": one timed call; "drop": unmap), one JSON
-    line each on stdout."""
+    on stdin ("case": map the keys and queries; "call": ``count`` timed calls back to back; "drop":
+    unmap), one JSON line each on stdout."""
     sys.meta_path.insert(0, _Variant(so, MODULE))  # before anything imports horen_fast._C
     from horen_fast import native
     from horen_fast.benchmark import _DTYPES
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--burst", type=int, default=1, help="timed calls per turn of a build")
     p.add_argument("--gap", type=float, default=20.0,
-                   help="ms to wait after each call, so that the OpenMP threads of the worker that ran it stop "
+                   help="ms to wait after each turn, so that the OpenMP threads of the worker that ran it stop "
                         "spinning before the next worker runs (they would take the next build's cores)")
     p.add_argument("--worker", metavar="SO", help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -1271,7 +1271,7 @@ static void dot_axpy_kernel(const KT* K, int64_t ks, const typename O::F* q, int
                             typename O::F* nrm, const KT* P, const typename O::F* w, typename O::F* acc,
                             const KT* Kn) {
     // each row 512 B ahead: on a Zen 2 EPYC 1.11-1.18x faster than 1 KiB for float32 keys of
-    // 14336 and the same for bfloat16 keys and d = 1536 (builds in worker processes, 2026-12-08);
+    // 14336 and the same for bfloat16 keys and d = 1536 (bench/ab_retrieve.py, 2026-12-08);
     // on a Zen 3 EPYC 512 B was no faster than 1 KiB and 2 KiB up to 1.15x slower at d = 1536,
     // where rows end every 6 KiB (bench/RESULTS.md 2026-12-03)
     constexpr int64_t DOT_PF = 512 / static_cast<int64_t>(sizeof(KT));
